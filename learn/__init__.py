@@ -1,0 +1,1 @@
+"""learn: sparsity that is learned during training (L0 hard-concrete block gates)."""

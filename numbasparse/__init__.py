@@ -1,0 +1,21 @@
+"""numbasparse: block-sparse neural-network kernels in pure Python with numba.
+
+``numba.cuda`` kernels for NVIDIA GPUs and ``numba.njit`` kernels for CPUs, bridged
+into PyTorch without copies, with autograd and ``torch.nn`` modules.
+"""
+from . import layouts
+from .functional import block_sparse_matmul
+from .layout import BlockLayout
+from .nn import BlockSparseLinear, BlocksparseMatMul
+
+__version__ = "0.1.0"
+
+__all__ = ["BlockLayout", "layouts", "block_sparse_matmul", "BlockSparseLinear", "BlocksparseMatMul",
+           "set_num_threads", "__version__"]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the CPU kernels (numba's thread pool)."""
+    import numba
+
+    numba.set_num_threads(n)

@@ -1,0 +1,51 @@
+"""Argument validation shared by the functional API: clear errors, never a numba traceback."""
+from __future__ import annotations
+
+import torch
+
+from .layout import BlockLayout
+
+SUPPORTED_BLOCK_SIZES = (8, 16, 32)
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def as_layout(layout) -> BlockLayout:
+    """Accept a BlockLayout or anything BlockLayout() accepts (a 2-D 0/1 mask)."""
+    return layout if isinstance(layout, BlockLayout) else BlockLayout(layout)
+
+
+def block_size_of(block_size, w: torch.Tensor) -> int:
+    if block_size is None:
+        block_size = w.shape[-1] if w.dim() == 3 else None
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    return block_size
+
+
+def check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float32 and float64")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
+def check_same_placement(x: torch.Tensor, w: torch.Tensor) -> None:
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but w is on {w.device}: move both to one device")
+    if x.dtype != w.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but w has dtype {w.dtype}: use one dtype")
+
+
+def check_weight_shape(w: torch.Tensor, layout: BlockLayout, block_size: int) -> None:
+    expected = (layout.capacity, block_size, block_size)
+    if tuple(w.shape) != expected:
+        raise ValueError(f"w must have shape (nnz, B, B) = {expected} for this layout "
+                         f"(capacity {layout.capacity}, block_size {block_size}), got {tuple(w.shape)}")
+
+
+def check_features(name: str, size: int, blocks: int, block_size: int, what: str) -> None:
+    if size != blocks * block_size:
+        raise ValueError(f"{name} has {size} features but the layout has {blocks} {what} blocks of "
+                         f"size {block_size} ({blocks * block_size} features)")

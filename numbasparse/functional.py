@@ -1,0 +1,66 @@
+"""Functional API with autograd: ``block_sparse_matmul`` (and, in :mod:`.conv`,
+``block_sparse_conv2d``)."""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import backend
+from ._checks import (as_layout, block_size_of, check_features, check_same_placement,
+                      check_tensor, check_weight_shape)
+from .layout import BlockLayout
+
+__all__ = ["block_sparse_matmul"]
+
+
+class _BlockSparseMatMul(torch.autograd.Function):
+    """y (N, K) = x (N, C) @ W, W given as blocks w (capacity, B, B) placed by a layout."""
+
+    @staticmethod
+    def forward(ctx, x2d, w, layout, block_size):
+        ctx.layout = layout
+        ctx.block_size = block_size
+        ctx.save_for_backward(x2d, w)
+        return backend.forward(x2d, w, layout, block_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x2d, w = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = backend.backward_data(dy, w, ctx.layout, ctx.block_size)
+        if ctx.needs_input_grad[1]:
+            dw = backend.backward_weight(x2d, dy, ctx.layout, ctx.block_size)
+        return dx, dw, None, None
+
+
+def block_sparse_matmul(x: torch.Tensor, w: torch.Tensor, layout, block_size: int | None = None) -> torch.Tensor:
+    """Block-sparse ``y = x @ W`` with autograd for ``x`` and ``w``.
+
+    Args:
+        x: ``(..., C)`` with ``C = layout.in_blocks * block_size`` (any leading dims;
+            non-contiguous inputs are made contiguous once).
+        w: ``(layout.capacity, B, B)``; block ``w[s]`` of live entry ``(i, j)`` maps
+            ``x[..., iB:(i+1)B]`` into ``y[..., jB:(j+1)B]``.
+        layout: a :class:`BlockLayout` or a 2-D 0/1 block mask ``(in_blocks, out_blocks)``.
+        block_size: B in {8, 16, 32}; defaults to ``w.shape[-1]``.
+
+    Returns:
+        ``(..., K)`` with ``K = layout.out_blocks * block_size``; output blocks with no
+        live input block are exactly zero.
+    """
+    layout = as_layout(layout)
+    check_tensor("x", x)
+    check_tensor("w", w)
+    block_size = block_size_of(block_size, w)
+    check_same_placement(x, w)
+    check_weight_shape(w, layout, block_size)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., C)")
+    check_features("x", x.shape[-1], layout.in_blocks, block_size, "input")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    y = _BlockSparseMatMul.apply(x2d, w.contiguous(), layout, block_size)
+    return y.reshape(*lead, layout.out_blocks * block_size)

@@ -1,0 +1,1 @@
+"""Kernel sets: ``cpu`` (numba.njit) and ``cuda`` (numba.cuda), with the same signatures."""

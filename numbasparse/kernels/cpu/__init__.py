@@ -1,0 +1,1 @@
+"""numba.njit(parallel=True) kernels for CPUs."""

@@ -1,0 +1,199 @@
+"""Block-sparse matmul kernels for CPUs (numba.njit, parallel).
+
+Shapes: ``x (N, C)``, ``dy``/``y (N, K)``, ``w (capacity, B, B)`` with ``C = in_blocks*B``
+and ``K = out_blocks*B``; block ``w[s]`` of live entry ``(i, j)`` maps
+``x[:, iB:(i+1)B]`` into ``y[:, jB:(j+1)B]``.  All arrays C-contiguous, same dtype.
+
+Design (the same for the three kernels): every output element is a dot product
+over a *reduction panel*.  The kernel packs both operands of the dot products into
+contiguous panels (rows = outputs, columns = reduction index) and runs a 4x4
+register-blocked micro-kernel over them: 16 accumulators, each a SIMD register after
+LLVM vectorizes the reduction loop, 8 loads per 16 FMAs.
+
+* forward:  y[n, jB+c]  = sum over live i of  x[n, iB:(i+1)B] . w[s][:, c]
+            panel rows: x rows of the tile (live blocks of column j side by side) and
+            the columns c of w[s] (packed transposed).
+* data:     dx[n, iB+k] = sum over live j of dy[n, jB:(j+1)B] . w[s][k, :]
+* weight:   dw[s][k, c] = x[:, iB+k] . dy[:, jB+c]   (x and dy transposed once).
+
+Threading: a prange over independent output tiles (a block column and a tile of
+rows for forward/data; a live block for weight), so there are no atomics and the
+result does not depend on the thread count.
+"""
+import numpy as np
+from numba import njit, prange
+
+# reassoc lets LLVM vectorize the reductions; no nnan/ninf, so NaN and inf propagate.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+ROW_TILE = 64      # rows of x per forward/data task
+N_CHUNK = 1024     # reduction chunk of the weight gradient (keeps panels in L2)
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _dot4x4(a, a0, b, b0, t0, length, out, r0, c0, accumulate):
+    """out[r0+r, c0+c] (+)= sum_t a[a0+r, t0+t] * b[b0+c, t0+t] for r, c in 0..3."""
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0)
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0)
+    for t in range(t0, t0 + length):
+        x0 = a[a0, t]
+        x1 = a[a0 + 1, t]
+        x2 = a[a0 + 2, t]
+        x3 = a[a0 + 3, t]
+        w0 = b[b0, t]
+        w1 = b[b0 + 1, t]
+        w2 = b[b0 + 2, t]
+        w3 = b[b0 + 3, t]
+        s00 += x0 * w0
+        s01 += x0 * w1
+        s02 += x0 * w2
+        s03 += x0 * w3
+        s10 += x1 * w0
+        s11 += x1 * w1
+        s12 += x1 * w2
+        s13 += x1 * w3
+        s20 += x2 * w0
+        s21 += x2 * w1
+        s22 += x2 * w2
+        s23 += x2 * w3
+        s30 += x3 * w0
+        s31 += x3 * w1
+        s32 += x3 * w2
+        s33 += x3 * w3
+    if accumulate:
+        s00 += out[r0, c0]
+        s01 += out[r0, c0 + 1]
+        s02 += out[r0, c0 + 2]
+        s03 += out[r0, c0 + 3]
+        s10 += out[r0 + 1, c0]
+        s11 += out[r0 + 1, c0 + 1]
+        s12 += out[r0 + 1, c0 + 2]
+        s13 += out[r0 + 1, c0 + 3]
+        s20 += out[r0 + 2, c0]
+        s21 += out[r0 + 2, c0 + 1]
+        s22 += out[r0 + 2, c0 + 2]
+        s23 += out[r0 + 2, c0 + 3]
+        s30 += out[r0 + 3, c0]
+        s31 += out[r0 + 3, c0 + 1]
+        s32 += out[r0 + 3, c0 + 2]
+        s33 += out[r0 + 3, c0 + 3]
+    out[r0, c0] = s00
+    out[r0, c0 + 1] = s01
+    out[r0, c0 + 2] = s02
+    out[r0, c0 + 3] = s03
+    out[r0 + 1, c0] = s10
+    out[r0 + 1, c0 + 1] = s11
+    out[r0 + 1, c0 + 2] = s12
+    out[r0 + 1, c0 + 3] = s13
+    out[r0 + 2, c0] = s20
+    out[r0 + 2, c0 + 1] = s21
+    out[r0 + 2, c0 + 2] = s22
+    out[r0 + 2, c0 + 3] = s23
+    out[r0 + 3, c0] = s30
+    out[r0 + 3, c0 + 1] = s31
+    out[r0 + 3, c0 + 2] = s32
+    out[r0 + 3, c0 + 3] = s33
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _tile_panels(a, n0, rows, ptr, other, slots, w, transpose_w, group, bs, out, col0):
+    """One forward/data task: rows n0..n0+rows of ``out[:, col0:col0+bs]``.
+
+    ``a`` is x (forward) or dy (data); the group's live blocks are
+    ``other[ptr[group]:ptr[group+1]]`` with weights ``w[slots[...]]``.
+    """
+    start = ptr[group]
+    m = ptr[group + 1] - start
+    if m == 0:
+        for r in range(rows):
+            for c in range(bs):
+                out[n0 + r, col0 + c] = 0
+        return
+    length = m * bs
+    padded = (rows + 3) // 4 * 4
+    a_panel = np.zeros((padded, length), dtype=a.dtype)
+    w_panel = np.empty((bs, length), dtype=a.dtype)
+    for q in range(m):
+        blk = other[start + q]
+        s = slots[start + q]
+        for r in range(rows):
+            for t in range(bs):
+                a_panel[r, q * bs + t] = a[n0 + r, blk * bs + t]
+        if transpose_w:
+            for t in range(bs):
+                for c in range(bs):
+                    w_panel[c, q * bs + t] = w[s, t, c]
+        else:
+            for c in range(bs):
+                for t in range(bs):
+                    w_panel[c, q * bs + t] = w[s, c, t]
+    tile = np.empty((padded, bs), dtype=a.dtype)
+    for r in range(0, padded, 4):
+        for c in range(0, bs, 4):
+            _dot4x4(a_panel, r, w_panel, c, 0, length, tile, r, c, False)
+    for r in range(rows):
+        for c in range(bs):
+            out[n0 + r, col0 + c] = tile[r, c]
+
+
+@njit(parallel=True, cache=True)
+def _grouped(a, w, ptr, other, slots, bs, transpose_w, out):
+    n = a.shape[0]
+    groups = ptr.shape[0] - 1
+    row_tiles = (n + ROW_TILE - 1) // ROW_TILE
+    for task in prange(groups * row_tiles):
+        group = task // row_tiles
+        n0 = (task % row_tiles) * ROW_TILE
+        rows = min(n, n0 + ROW_TILE) - n0
+        _tile_panels(a, n0, rows, ptr, other, slots, w, transpose_w, group, bs, out, group * bs)
+
+
+def forward(x, w, col_ptr, col_rows, col_slots, block_size, y):
+    """y (N, K) = x (N, C) @ W; every element of y is written."""
+    if x.shape[0] == 0:
+        return
+    _grouped(x, w, col_ptr, col_rows, col_slots, block_size, True, y)
+
+
+def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx):
+    """dx (N, C) = dy (N, K) @ W^T; every element of dx is written."""
+    if dy.shape[0] == 0:
+        return
+    _grouped(dy, w, row_ptr, row_cols, row_slots, block_size, False, dx)
+
+
+@njit(parallel=True, cache=True)
+def _transpose(a, out):
+    rows, cols = a.shape
+    for c0 in prange((cols + 31) // 32):
+        for r in range(rows):
+            for c in range(c0 * 32, min(cols, c0 * 32 + 32)):
+                out[c, r] = a[r, c]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _weight_grad(xt, dyt, entry_rows, entry_cols, entry_slots, bs, dw):
+    n = xt.shape[1]
+    for e in prange(entry_rows.shape[0]):
+        i = entry_rows[e]
+        j = entry_cols[e]
+        s = entry_slots[e]
+        block = dw[s]
+        for n0 in range(0, n, N_CHUNK):
+            length = min(n, n0 + N_CHUNK) - n0
+            for k in range(0, bs, 4):
+                for c in range(0, bs, 4):
+                    _dot4x4(xt, i * bs + k, dyt, j * bs + c, n0, length, block, k, c, n0 > 0)
+
+
+def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw):
+    """dw[s] = x[:, iB:(i+1)B]^T @ dy[:, jB:(j+1)B] at live slots; dead slots untouched."""
+    if entry_rows.shape[0] == 0:
+        return
+    if x.shape[0] == 0:
+        dw[np.asarray(entry_slots)] = 0
+        return
+    xt = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)
+    dyt = np.empty((dy.shape[1], dy.shape[0]), dtype=dy.dtype)
+    _transpose(x, xt)
+    _transpose(dy, dyt)
+    _weight_grad(xt, dyt, entry_rows, entry_cols, entry_slots, block_size, dw)

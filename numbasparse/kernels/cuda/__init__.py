@@ -1,0 +1,1 @@
+"""numba.cuda kernels (import the submodules, e.g. ``numbasparse.kernels.cuda.matmul``)."""

@@ -1,0 +1,322 @@
+"""numba.cuda block-sparse matmul kernels: forward, data gradient and weight gradient.
+
+Block size ``B`` is one of 8, 16, 32; dtypes float32 and float64.  ``x`` is ``(N, C)``
+with ``C = in_blocks * B``; ``w`` is ``(capacity, B, B)``; ``y`` is ``(N, K)`` with
+``K = out_blocks * B``.  Live entry ``e`` of a :class:`~numbasparse.layout.BlockLayout`
+is block ``(i, j)`` stored in slot ``s``::
+
+    y[:, jB:(j+1)B]  = sum over live (i, j, s) of x[:, iB:(i+1)B] @ w[s]
+    dx[:, iB:(i+1)B] = sum over live (i, j, s) of dy[:, jB:(j+1)B] @ w[s].T
+    dw[s]            = x[:, iB:(i+1)B].T @ dy[:, jB:(j+1)B]          (live slots only)
+
+Design (same for every kernel): every thread-block owns a distinct output tile and
+loops over the live blocks that feed it, so there are no atomics and the results are
+deterministic (bit-identical from run to run).  Operands are staged through shared
+memory; every thread keeps a small register tile of accumulators.  A thread-block has
+``_THREADS = 64`` threads viewed as an ``_TY x _TX = 8 x 8`` grid
+(``tx = threadIdx.x % 8``, ``ty = threadIdx.x // 8``).
+
+Kernels are built lazily per ``(B, dtype)`` by small factories (shared-array shapes
+must be compile-time constants, so they are closure constants of each factory) and
+cached.  Host wrappers launch on ``stream`` and never synchronize the host.  They accept
+anything a numba.cuda kernel accepts (numba device arrays, ``cuda.as_cuda_array``
+views, objects exposing ``__cuda_array_interface__``; numpy arrays under the CUDA
+simulator).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import cuda
+
+__all__ = ["forward", "backward_data", "backward_weight", "BLOCK_SIZES", "ROW_TILE", "THREADS"]
+
+BLOCK_SIZES = (8, 16, 32)
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_TX = 8              # thread-grid columns
+_TY = 8              # thread-grid rows
+_THREADS = _TX * _TY  # threads per thread-block (all kernels)
+_TN = 32             # rows of x / y per thread-block in forward / backward_data
+_TNW = 32            # rows of x / dy staged per step in backward_weight
+
+THREADS = _THREADS
+ROW_TILE = _TN
+
+
+# --------------------------------------------------------------------------- kernels
+@functools.lru_cache(maxsize=None)
+def _gather_kernel(B: int, dtype_str: str, transpose: bool):
+    """Kernel computing ``out[:, jB:(j+1)B] = sum_e a[:, idx[e]B:(idx[e]+1)B] @ W_e``.
+
+    ``W_e = w[slots[e]]`` (forward, ``transpose=False``) or ``w[slots[e]].T``
+    (backward_data, ``transpose=True``), ``e`` over ``ptr[j]:ptr[j+1]``.
+    """
+    DT = np.dtype(dtype_str).type
+    BP = B + 1                 # padded shared row length: conflict-free column reads / transposed writes
+    TN = _TN
+    TX = _TX
+    TY = _TY
+    NT = _THREADS
+    TM = _TN // _TY            # output rows per thread (4)
+    TC = B // _TX              # output columns per thread (1, 2, 4 for B = 8, 16, 32)
+    A_ITEMS = (TN * B + NT - 1) // NT   # a-tile elements each thread loads per live block
+    W_ITEMS = (B * B + NT - 1) // NT    # w-block elements each thread loads per live block
+    A_SIZE = TN * B
+    W_SIZE = B * B
+    TRANSPOSE = transpose
+
+    # Thread/data mapping.
+    #   grid = (ceil(N / TN), out_blocks); blockIdx.x = row tile (rows n0 = blockIdx.x*TN
+    #   .. n0+TN-1), blockIdx.y = output block column j.  The thread-block owns
+    #   out[n0:n0+TN, jB:(j+1)B] and nothing else writes it.
+    #   Thread (ty, tx) accumulates, in registers acc[r, c], the TM x TC outputs
+    #       out[n0 + ty + r*TY, jB + tx + c*TX]   for r < TM, c < TC
+    #   (rows strided by TY, columns strided by TX: a warp reads consecutive w_s
+    #   columns and at most 4 distinct a_s rows per step, broadcast to the rest).
+    #   For every live block e of column j (the loop trip count is uniform across the
+    #   thread-block, so every thread reaches every syncthreads):
+    #     shared a_s[TN, B+1] = a[n0:n0+TN, idx[e]B:(idx[e]+1)B] (zeros for rows >= N),
+    #             loaded cooperatively: element l = t + q*NT -> (l // B, l % B), so
+    #             consecutive threads read consecutive global addresses;
+    #     shared w_s[B, B+1]  = W_e, w_s[k, c] multiplies input column k into output
+    #             column c (for transpose, w[s][r, c] is stored at w_s[c, r]);
+    #     then each thread does TM*TC FMAs per k for TM + TC shared loads.
+    @cuda.jit
+    def kernel(a, w, ptr, idx, slots, out):
+        t = cuda.threadIdx.x
+        tx = t % TX
+        ty = t // TX
+        n0 = cuda.blockIdx.x * TN
+        j = cuda.blockIdx.y
+        n_rows = a.shape[0]
+        a_s = cuda.shared.array((TN, BP), DT)
+        w_s = cuda.shared.array((B, BP), DT)
+        acc = cuda.local.array((TM, TC), DT)
+        wv = cuda.local.array(TC, DT)
+        for r in range(TM):
+            for c in range(TC):
+                acc[r, c] = 0
+        start = ptr[j]
+        stop = ptr[j + 1]
+        for e in range(start, stop):
+            col0 = idx[e] * B
+            s = slots[e]
+            for q in range(A_ITEMS):
+                l = t + q * NT
+                if l < A_SIZE:
+                    r = l // B
+                    k = l - r * B
+                    n = n0 + r
+                    if n < n_rows:
+                        a_s[r, k] = a[n, col0 + k]
+                    else:
+                        a_s[r, k] = 0
+            for q in range(W_ITEMS):
+                l = t + q * NT
+                if l < W_SIZE:
+                    r = l // B
+                    c = l - r * B
+                    if TRANSPOSE:
+                        w_s[c, r] = w[s, r, c]
+                    else:
+                        w_s[r, c] = w[s, r, c]
+            cuda.syncthreads()
+            for k in range(B):
+                for c in range(TC):
+                    wv[c] = w_s[k, tx + c * TX]
+                for r in range(TM):
+                    av = a_s[ty + r * TY, k]
+                    for c in range(TC):
+                        acc[r, c] += av * wv[c]
+            cuda.syncthreads()  # before the next live block overwrites a_s / w_s
+        o0 = j * B
+        for r in range(TM):
+            n = n0 + ty + r * TY
+            if n < n_rows:
+                for c in range(TC):
+                    out[n, o0 + tx + c * TX] = acc[r, c]
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_kernel(B: int, dtype_str: str):
+    """Kernel computing ``dw[s] = x[:, iB:(i+1)B].T @ dy[:, jB:(j+1)B]`` per live entry."""
+    DT = np.dtype(dtype_str).type
+    TN = _TNW
+    TX = _TX
+    TY = _TY
+    NT = _THREADS
+    TA = B // _TY              # dw rows per thread (1, 2, 4)
+    TB = B // _TX              # dw columns per thread (1, 2, 4)
+    ITEMS = (TN * B + NT - 1) // NT
+    SIZE = TN * B
+
+    # Thread/data mapping.
+    #   grid = (nnz,); blockIdx.x = live entry e = (i, j, s).  The thread-block owns
+    #   dw[s] (B x B) and nothing else writes it; dead slots are never touched.
+    #   Thread (ty, tx) accumulates, in registers acc[a, b], the TA x TB outputs
+    #       dw[s, ty + a*TY, tx + b*TX]   for a < TA, b < TB.
+    #   The thread-block walks N in chunks of TN rows (uniform trip count, so every
+    #   thread reaches every syncthreads):
+    #     shared x_s[TN, B]  = x [n0:n0+TN, iB:(i+1)B]  (zeros for rows >= N)
+    #     shared d_s[TN, B]  = dy[n0:n0+TN, jB:(j+1)B]  (zeros for rows >= N)
+    #     loaded cooperatively, element l = t + q*NT -> (l // B, l % B) (coalesced);
+    #     then for each staged row n: TA + TB shared loads, TA*TB FMAs per thread.
+    @cuda.jit
+    def kernel(x, dy, erows, ecols, eslots, dw):
+        t = cuda.threadIdx.x
+        tx = t % TX
+        ty = t // TX
+        e = cuda.blockIdx.x
+        i0 = erows[e] * B
+        j0 = ecols[e] * B
+        s = eslots[e]
+        n_rows = x.shape[0]
+        x_s = cuda.shared.array((TN, B), DT)
+        d_s = cuda.shared.array((TN, B), DT)
+        acc = cuda.local.array((TA, TB), DT)
+        xv = cuda.local.array(TA, DT)
+        dv = cuda.local.array(TB, DT)
+        for a_ in range(TA):
+            for b_ in range(TB):
+                acc[a_, b_] = 0
+        for n0 in range(0, n_rows, TN):
+            for q in range(ITEMS):
+                l = t + q * NT
+                if l < SIZE:
+                    r = l // B
+                    k = l - r * B
+                    n = n0 + r
+                    if n < n_rows:
+                        x_s[r, k] = x[n, i0 + k]
+                        d_s[r, k] = dy[n, j0 + k]
+                    else:
+                        x_s[r, k] = 0
+                        d_s[r, k] = 0
+            cuda.syncthreads()
+            rows = min(TN, n_rows - n0)  # same for every thread of the block
+            for r in range(rows):
+                for a_ in range(TA):
+                    xv[a_] = x_s[r, ty + a_ * TY]
+                for b_ in range(TB):
+                    dv[b_] = d_s[r, tx + b_ * TX]
+                for a_ in range(TA):
+                    for b_ in range(TB):
+                        acc[a_, b_] += xv[a_] * dv[b_]
+            cuda.syncthreads()  # before the next chunk overwrites x_s / d_s
+        for a_ in range(TA):
+            for b_ in range(TB):
+                dw[s, ty + a_ * TY, tx + b_ * TX] = acc[a_, b_]
+
+    return kernel
+
+
+# ---------------------------------------------------------------------- host helpers
+def _dtype_of(array) -> np.dtype:
+    dt = getattr(array, "dtype", None)
+    if dt is not None:
+        try:
+            return np.dtype(dt)
+        except TypeError:
+            pass
+    iface = getattr(array, "__cuda_array_interface__", None)
+    if iface is None:
+        iface = getattr(array, "__array_interface__", None)
+    if iface is None:
+        raise TypeError(f"cannot determine the dtype of {type(array).__name__}")
+    return np.dtype(iface["typestr"])
+
+
+def _in(array):
+    """Mark host (numpy) inputs read-only for the launch: no copy back after the kernel.
+
+    Device arrays pass through.  Needed for the layout's read-only numpy tables (CUDA
+    simulator, or host tables on a real GPU), and saves a copy for the other inputs.
+    """
+    return cuda.In(array) if isinstance(array, np.ndarray) else array
+
+
+def _check_common(B, arrays):
+    if B not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {B!r}")
+    dtypes = {name: _dtype_of(a) for name, a in arrays.items()}
+    dt = next(iter(dtypes.values()))
+    if dt not in _DTYPES:
+        raise TypeError(f"only float32 and float64 are supported, got {dt}")
+    if any(d != dt for d in dtypes.values()):
+        raise TypeError("dtype mismatch: " + ", ".join(f"{n}={d}" for n, d in dtypes.items()))
+    for name, a in arrays.items():
+        if len(a.shape) != (3 if name in ("w", "dw") else 2):
+            raise ValueError(f"{name} has shape {tuple(a.shape)}")
+    return dt
+
+
+def _check_w(w, B):
+    if tuple(w.shape[1:]) != (B, B):
+        raise ValueError(f"weight blocks must be ({B}, {B}), got shape {tuple(w.shape)}")
+
+
+def _launch_gather(a, w, ptr, idx, slots, B, out, stream, transpose):
+    n = int(a.shape[0])
+    n_blocks_out = int(ptr.shape[0]) - 1
+    if out.shape[0] != n:
+        raise ValueError(f"row mismatch: {n} input rows, {out.shape[0]} output rows")
+    if out.shape[1] != n_blocks_out * B:
+        raise ValueError(f"output has {out.shape[1]} features, the layout gives {n_blocks_out} blocks of {B}")
+    if a.shape[1] % B:
+        raise ValueError(f"input features {a.shape[1]} are not a multiple of block_size {B}")
+    grid = ((n + _TN - 1) // _TN, n_blocks_out)
+    if grid[0] == 0 or grid[1] == 0:
+        return
+    dt = _dtype_of(a)
+    kernel = _gather_kernel(B, dt.str, transpose)
+    kernel[grid, _THREADS, stream](_in(a), _in(w), _in(ptr), _in(idx), _in(slots), out)
+
+
+def forward(x, w, col_ptr, col_rows, col_slots, block_size, y, stream=0):
+    """``y = x @ W`` for the block-sparse ``W`` given by the by-column tables.
+
+    Writes every element of ``y`` (exact zeros in block columns without live blocks);
+    no launch when ``N == 0`` or there are no output blocks.
+    """
+    B = int(block_size)
+    _check_common(B, {"x": x, "w": w, "y": y})
+    _check_w(w, B)
+    _launch_gather(x, w, col_ptr, col_rows, col_slots, B, y, stream, False)
+
+
+def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx, stream=0):
+    """``dx = dy @ W.T`` for the block-sparse ``W`` given by the by-row tables.
+
+    Writes every element of ``dx`` (exact zeros in block rows without live blocks);
+    no launch when ``N == 0`` or there are no input blocks.
+    """
+    B = int(block_size)
+    _check_common(B, {"dy": dy, "w": w, "dx": dx})
+    _check_w(w, B)
+    _launch_gather(dy, w, row_ptr, row_cols, row_slots, B, dx, stream, True)
+
+
+def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw, stream=0):
+    """``dw[s] = x[:, iB:(i+1)B].T @ dy[:, jB:(j+1)B]`` for every live entry ``(i, j, s)``.
+
+    Overwrites the live slots of ``dw``; dead slots are never touched (the caller
+    pre-zeroes ``dw``).  No launch when ``N == 0`` or ``nnz == 0``.
+    """
+    B = int(block_size)
+    _check_common(B, {"x": x, "dy": dy, "dw": dw})
+    _check_w(dw, B)
+    n = int(x.shape[0])
+    if dy.shape[0] != n:
+        raise ValueError(f"row mismatch: x has {n} rows, dy has {dy.shape[0]}")
+    if x.shape[1] % B or dy.shape[1] % B:
+        raise ValueError(f"features {x.shape[1]}, {dy.shape[1]} are not multiples of block_size {B}")
+    nnz = int(entry_rows.shape[0])
+    if n == 0 or nnz == 0:
+        return
+    kernel = _weight_kernel(B, _dtype_of(x).str)
+    kernel[(nnz,), _THREADS, stream](_in(x), _in(dy), _in(entry_rows), _in(entry_cols),
+                                     _in(entry_slots), dw)

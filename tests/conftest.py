@@ -1,0 +1,9 @@
+"""Test setup: without a real GPU, the numba.cuda kernels run under numba's CUDA
+simulator.  NUMBA_ENABLE_CUDASIM must be set before numba is first imported."""
+import os
+
+import torch
+
+REAL_GPU = torch.cuda.is_available()
+if not REAL_GPU:
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
