@@ -1,0 +1,111 @@
+"""Benchmark: ``python -m numbasparse.bench`` (see ``--help``), or ``run(...)`` from Python.
+
+Times block-sparse layers against dense PyTorch and its peers in one process and one
+run, on the same threads: warm-up first, fresh random data, median of repeats.
+Each row reports the time, the effective GFLOP/s over live blocks, and the speedup
+against the dense PyTorch baseline of the same op and shape.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+
+import torch
+
+from .matmul import matmul_rows
+from .timing import Progress
+
+__all__ = ["run", "format_table", "machine_info", "matmul_rows"]
+
+
+def _conv_rows(**kwargs):
+    from .conv import conv_rows
+
+    return conv_rows(**kwargs)
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` threads in torch and in numba's pool; returns the count in use."""
+    import numba
+
+    if threads:
+        torch.set_num_threads(threads)
+        numba.set_num_threads(threads)
+    else:
+        numba.set_num_threads(torch.get_num_threads())
+    return torch.get_num_threads()
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """Where and when the numbers were taken."""
+    import numba
+
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__, "numba": numba.__version__,
+            "threads": torch.get_num_threads(), "cpu": _cpu_model()}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=__file__.rsplit("/", 3)[0], timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(device="cpu", hidden=4096, batches=(32, 256), block_sizes=(8, 16, 32),
+        densities=(1.0, 0.5, 0.25, 0.1, 0.03), repeats=5, threads=None, conv=True, peers=True,
+        conv_block_sizes=(16, 32), reference=True, show_progress=True):
+    """Run the benchmark grid; returns ``{"info": machine_info, "rows": [row dicts]}``."""
+    set_threads(threads)
+    n_matmul = len(batches) * (4 + len(block_sizes) * len(densities) * (4 + (6 if peers else 0)))
+    n_conv = (4 + len(conv_block_sizes) * len(densities) * (4 + (4 if peers else 0))) if conv else 0
+    n_ref = (1 + len(densities) * 3) if device == "cuda" and reference else 0
+    progress = Progress(n_matmul + n_conv + n_ref, enabled=show_progress)
+    rows = matmul_rows(device, hidden, batches, block_sizes, densities, repeats, peers, progress=progress)
+    if conv:
+        rows += _conv_rows(device=device, repeats=repeats, block_sizes=conv_block_sizes, densities=densities,
+                           progress=progress)
+    if device == "cuda" and reference:
+        # OpenAI's reference shape against cuBLAS fp32 (TF32 off) and BSR.
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            ref = matmul_rows(device, 12288, (32,), (32,), tuple(d for d in densities if d < 1.0), repeats, True,
+                              progress=progress, ops=("fwd",))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        for row in ref:
+            row["op"] = "fwd (OpenAI shape)"
+        rows += ref
+    progress.close()
+    return {"info": machine_info(device), "rows": rows}
+
+
+def format_table(rows) -> str:
+    """Fixed-width text table of benchmark rows."""
+    head = f"{'op':<19}{'impl':<14}{'batch':>6}{'hidden':>7}{'block':>6}{'density':>8}{'ms':>10}{'GFLOP/s':>9}{'vs dense':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        block = "-" if r.get("block") is None else str(r["block"])
+        size = r.get("hidden", r.get("channels", ""))
+        lines.append(f"{r['op']:<19}{r['impl']:<14}{r.get('batch', ''):>6}{size:>7}{block:>6}{r['density']:>8.2f}"
+                     f"{r['ms']:>10.3f}{r['gflops']:>9.1f}{r['speedup_vs_dense']:>8.2f}x")
+    return "\n".join(lines)

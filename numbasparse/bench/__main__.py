@@ -1,0 +1,86 @@
+"""``python -m numbasparse.bench``: block-sparse vs dense PyTorch and its peers."""
+import argparse
+import json
+import sys
+
+from . import format_table, run
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'numbasparse[plot]'", file=sys.stderr)
+        return
+    ours = [r for r in rows if r["impl"] == "numbasparse" and r["op"] in ("fwd", "train step")]
+    batches = sorted({r["batch"] for r in ours})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, op in zip(axes, ("fwd", "train step")):
+        for block in sorted({r["block"] for r in ours}):
+            for batch in batches:
+                pts = sorted((r["density"], r["speedup_vs_dense"]) for r in ours
+                             if r["op"] == op and r["block"] == block and r["batch"] == batch)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"block {block}, batch {batch}")
+        dens = sorted({r["density"] for r in ours})
+        ax.plot(dens, [1 / d for d in dens], "k--", linewidth=0.8, label="ideal 1/density")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("block density")
+        ax.set_title(f"{op}: speedup vs dense torch")
+    axes[0].set_ylabel("speedup (dense time / block-sparse time)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot saved to {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m numbasparse.bench", description=__doc__)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--batch", type=int, nargs="+", default=[32, 256])
+    p.add_argument("--block", type=int, nargs="+", default=[8, 16, 32], choices=(8, 16, 32))
+    p.add_argument("--density", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.03])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="threads for torch and numba (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="small grid: batch 256, block 32 and 8, density 0.5 and 0.1")
+    p.add_argument("--no-conv", action="store_true", help="skip the convolution rows")
+    p.add_argument("--no-peers", action="store_true", help="time only numbasparse and dense torch")
+    p.add_argument("--compile", action="store_true", help="also report JIT compile times (cold and warm cache)")
+    p.add_argument("--json", metavar="PATH", help="write rows and machine info as JSON")
+    p.add_argument("--plot", metavar="PATH", help="save speedup-vs-density plots (needs matplotlib)")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device")
+    batches, blocks, densities = args.batch, args.block, args.density
+    conv_blocks = (16, 32)
+    if args.quick:
+        batches, blocks, densities, conv_blocks = [256], [32, 8], [0.5, 0.1], (32,)
+    result = run(args.device, args.hidden, tuple(batches), tuple(blocks), tuple(densities), args.repeats,
+                 args.threads, conv=not args.no_conv, peers=not args.no_peers, conv_block_sizes=conv_blocks)
+    info = result["info"]
+    print(f"# numbasparse bench: {info.get('gpu', info['cpu'])}, {info['threads']} threads, "
+          f"torch {info['torch']}, numba {info['numba']}, {info['date']}, commit {info['commit']}")
+    print(format_table(result["rows"]))
+    if args.compile:
+        from .compile import compile_times, format_compile
+
+        result["compile"] = compile_times()
+        print()
+        print(format_compile(result["compile"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        _plot(result["rows"], args.plot)
+
+
+if __name__ == "__main__":
+    main()
