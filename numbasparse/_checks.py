@@ -1,6 +1,8 @@
 """Argument validation shared by the functional API: clear errors, never a numba traceback."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .layout import BlockLayout
@@ -14,12 +16,24 @@ def as_layout(layout) -> BlockLayout:
     return layout if isinstance(layout, BlockLayout) else BlockLayout(layout)
 
 
+def check_block_size(block_size) -> int:
+    """The block size as a plain int, or ValueError."""
+    if not isinstance(block_size, bool):
+        try:
+            value = operator.index(block_size)
+        except TypeError:
+            value = None
+        if value in SUPPORTED_BLOCK_SIZES:
+            return value
+    raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+
+
 def block_size_of(block_size, w: torch.Tensor) -> int:
     if block_size is None:
-        block_size = w.shape[-1] if w.dim() == 3 else None
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
-    return block_size
+        if w.dim() != 3 or w.shape[-1] != w.shape[-2]:
+            raise ValueError(f"w must have shape (nnz, B, B), got {tuple(w.shape)}")
+        block_size = w.shape[-1]
+    return check_block_size(block_size)
 
 
 def check_tensor(name: str, t) -> None:

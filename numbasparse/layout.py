@@ -19,6 +19,8 @@ the kernels consume:
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 __all__ = ["BlockLayout"]
@@ -71,7 +73,7 @@ class BlockLayout:
         if slots is None:
             slots = np.arange(nnz)
         else:
-            slots = np.asarray(slots)
+            slots = np.array(slots, copy=True)
             if slots.shape != (nnz,):
                 raise ValueError(f"slots must have one entry per live block ({nnz}), got shape {slots.shape}")
             if slots.size and (slots.dtype.kind not in "iu" or slots.min() < 0):
@@ -80,7 +82,10 @@ class BlockLayout:
                 raise ValueError("slots must be distinct: two live blocks cannot share storage")
         if capacity is None:
             capacity = int(slots.max()) + 1 if nnz else 0
-        capacity = int(capacity)
+        try:
+            capacity = operator.index(capacity)
+        except TypeError:
+            raise ValueError(f"capacity must be an integer, got {capacity!r}") from None
         if nnz and capacity <= int(slots.max()):
             raise ValueError(f"capacity {capacity} is too small for slot {int(slots.max())}")
         if capacity < 0:
@@ -163,8 +168,7 @@ class BlockLayout:
         """A new layout without the live blocks ``(rows[k], cols[k])``; other slots unchanged."""
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         cols = np.atleast_1d(np.asarray(cols, dtype=np.int64))
-        if rows.shape != cols.shape:
-            raise ValueError("rows and cols must have the same length")
+        self._check_indices(rows, cols)
         if rows.size and not np.all(self._mask[rows, cols]):
             raise ValueError("remove() names a block that is not live")
         mask = self.mask
@@ -179,8 +183,7 @@ class BlockLayout:
         """
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         cols = np.atleast_1d(np.asarray(cols, dtype=np.int64))
-        if rows.shape != cols.shape:
-            raise ValueError("rows and cols must have the same length")
+        self._check_indices(rows, cols)
         if rows.size and np.any(self._mask[rows, cols]):
             raise ValueError("add() names a block that is already live")
         if slots is None:
@@ -195,6 +198,13 @@ class BlockLayout:
         mask[rows, cols] = True
         r, c = np.nonzero(mask)
         return BlockLayout(mask, slot_of[r, c], self._capacity)
+
+    def _check_indices(self, rows, cols):
+        if rows.shape != cols.shape:
+            raise ValueError("rows and cols must have the same length")
+        if rows.size and (rows.min() < 0 or cols.min() < 0 or rows.max() >= self.in_blocks
+                          or cols.max() >= self.out_blocks):
+            raise ValueError(f"block indices out of range for layout shape {self.shape}")
 
     def compacted(self) -> "BlockLayout":
         """The same mask with slots renumbered 0..nnz-1 in row-major order (capacity = nnz)."""

@@ -9,16 +9,11 @@ import torch
 from torch import nn
 
 from . import layouts
-from ._checks import SUPPORTED_BLOCK_SIZES, as_layout
+from ._checks import as_layout, check_block_size
 from .functional import block_sparse_matmul
 from .layout import BlockLayout
 
 __all__ = ["BlockSparseLinear", "BlocksparseMatMul", "blocks_to_dense", "dense_to_blocks"]
-
-
-def _check_block_size(block_size):
-    if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
 
 
 def blocks_to_dense(w: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
@@ -44,6 +39,39 @@ def dense_to_blocks(dense: torch.Tensor, layout: BlockLayout, block_size: int) -
     return out
 
 
+def layout_extra_state(layout: BlockLayout, block_size: int) -> dict:
+    """A layer's layout as ``state_dict`` extra state: tensors and ints only, so that
+    checkpoints load with ``torch.load(..., weights_only=True)``."""
+    return {"mask": torch.from_numpy(layout.mask), "slots": torch.from_numpy(layout.slots),
+            "capacity": layout.capacity, "block_size": block_size}
+
+
+def layout_from_extra_state(state: dict, current: BlockLayout, block_size: int) -> BlockLayout:
+    """Inverse of :func:`layout_extra_state`, checked against the layer's current layout."""
+    if int(state["block_size"]) != block_size:
+        raise ValueError(f"state has block_size {state['block_size']}, module has {block_size}")
+    layout = BlockLayout(torch.as_tensor(state["mask"]).numpy(), torch.as_tensor(state["slots"]).numpy(),
+                         int(state["capacity"]))
+    if layout.shape != current.shape:
+        raise ValueError(f"state layout shape {layout.shape} does not fit module layout {current.shape}")
+    return layout
+
+
+def resize_weight_for_state(module: nn.Module, state_dict: dict, prefix: str, block_dims: tuple) -> None:
+    """Before loading: give ``module.weight`` the capacity of the incoming state (it may
+    differ, e.g. after ``compact()``), but only when the incoming layout fits the module."""
+    extra = state_dict.get(prefix + "_extra_state")
+    weight = state_dict.get(prefix + "weight")
+    if extra is None or weight is None or weight.shape == module.weight.shape:
+        return
+    try:
+        layout_from_extra_state(extra, module.layout, module.block_size)
+    except (KeyError, ValueError):
+        return  # set_extra_state reports the mismatch; the module stays as it was
+    if tuple(weight.shape) == (int(extra["capacity"]), *block_dims):
+        module.weight = nn.Parameter(module.weight.new_empty(weight.shape))
+
+
 class BlockSparseLinear(nn.Module):
     """``y = x @ W + bias`` with W block-sparse: only the layout's blocks are stored and computed.
 
@@ -67,7 +95,7 @@ class BlockSparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, layout, block_size: int = 32,
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
-        _check_block_size(block_size)
+        block_size = check_block_size(block_size)
         layout = as_layout(layout)
         if in_features != layout.in_blocks * block_size:
             raise ValueError(f"in_features={in_features} does not match the layout: {layout.in_blocks} "
@@ -130,7 +158,7 @@ class BlockSparseLinear(nn.Module):
         :func:`numbasparse.layouts.from_dense`) and copy their values and the bias."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        _check_block_size(block_size)
+        block_size = check_block_size(block_size)
         dense = linear.weight.detach().t()
         layout = layouts.from_dense(dense, block_size, density=density, threshold=threshold)
         module = cls(linear.in_features, linear.out_features, layout, block_size,
@@ -143,25 +171,13 @@ class BlockSparseLinear(nn.Module):
 
     # ------------------------------------------------------------ state dict
     def get_extra_state(self):
-        return {"layout": self.layout.state(), "block_size": self.block_size}
+        return layout_extra_state(self.layout, self.block_size)
 
     def set_extra_state(self, state):
-        if state["block_size"] != self.block_size:
-            raise ValueError(f"state has block_size {state['block_size']}, module has {self.block_size}")
-        layout = BlockLayout.from_state(state["layout"])
-        if layout.shape != self.layout.shape:
-            raise ValueError(f"state layout shape {layout.shape} does not fit module layout {self.layout.shape}")
-        self.layout = layout
+        self.layout = layout_from_extra_state(state, self.layout, self.block_size)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Storage may differ in capacity (e.g. after compact()): size the Parameter to
-        # the incoming layout before the copy so that load_state_dict round-trips.
-        extra = state_dict.get(prefix + "_extra_state")
-        weight = state_dict.get(prefix + "weight")
-        if extra is not None and weight is not None and weight.shape != self.weight.shape:
-            capacity = extra["layout"]["capacity"]
-            if tuple(weight.shape) == (capacity, self.block_size, self.block_size):
-                self.weight = nn.Parameter(self.weight.new_empty(weight.shape))
+        resize_weight_for_state(self, state_dict, prefix, (self.block_size, self.block_size))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -179,7 +195,7 @@ class BlocksparseMatMul:
     """
 
     def __init__(self, layout, block_size: int = 32, feature_axis: int = 1):
-        _check_block_size(block_size)
+        block_size = check_block_size(block_size)
         if feature_axis not in (0, 1):
             raise ValueError(f"feature_axis must be 0 or 1, got {feature_axis!r}")
         self.layout = as_layout(layout)
