@@ -26,7 +26,8 @@ from numba import njit, prange
 # reassoc lets LLVM vectorize the reductions; no nnan/ninf, so NaN and inf propagate.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 ROW_TILE = 64      # rows of x per forward/data task
-N_CHUNK = 1024     # reduction chunk of the weight gradient (keeps panels in L2)
+K_CHUNK = 1024     # reduction chunk of forward/data (4 panel rows stay in L1)
+N_CHUNK = 64       # reduction chunk of the weight gradient (a block's panels stay in L1)
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
@@ -94,15 +95,45 @@ def _dot4x4(a, a0, b, b0, t0, length, out, r0, c0, accumulate):
     out[r0 + 3, c0 + 3] = s33
 
 
+@njit(parallel=True, cache=True)
+def _pack_weights(w, ptr, slots, bs, transpose_w):
+    """Weights of every group laid out as contiguous panels, one pass per call.
+
+    Group g (an output block column for forward, an input block row for data) owns
+    ``packed[ptr[g]*bs*bs : ptr[g+1]*bs*bs]`` viewed as ``(bs, m_g*bs)``: row ``c`` holds
+    the reduction vector of output column ``c`` of the group, its live blocks side by
+    side (``w[s][:, c]`` for forward, ``w[s][c, :]`` for data).
+    """
+    groups = ptr.shape[0] - 1
+    packed = np.empty(ptr[groups] * bs * bs, dtype=w.dtype)
+    for g in prange(groups):
+        length = (ptr[g + 1] - ptr[g]) * bs
+        panel = packed[ptr[g] * bs * bs: ptr[g + 1] * bs * bs].reshape((bs, length))
+        for q in range(ptr[g + 1] - ptr[g]):
+            s = slots[ptr[g] + q]
+            if transpose_w:
+                for t in range(bs):
+                    for c in range(bs):
+                        panel[c, q * bs + t] = w[s, t, c]
+            else:
+                for c in range(bs):
+                    for t in range(bs):
+                        panel[c, q * bs + t] = w[s, c, t]
+    return packed
+
+
 @njit(fastmath=_FASTMATH, cache=True)
-def _tile_panels(a, n0, rows, ptr, other, slots, w, transpose_w, group, bs, out, col0):
-    """One forward/data task: rows n0..n0+rows of ``out[:, col0:col0+bs]``.
+def _group_tile(a, n0, rows, ptr, other, packed, group, bs, out):
+    """One forward/data task: ``out[n0:n0+rows, group*bs:(group+1)*bs]``.
 
     ``a`` is x (forward) or dy (data); the group's live blocks are
-    ``other[ptr[group]:ptr[group+1]]`` with weights ``w[slots[...]]``.
+    ``other[ptr[group]:ptr[group+1]]``; its weight panel is in ``packed``.
+    The rows of ``a`` are packed into a zero-padded panel (multiple of 4 rows),
+    then 4x4 output tiles are reduced over the panel in chunks of K_CHUNK columns.
     """
     start = ptr[group]
     m = ptr[group + 1] - start
+    col0 = group * bs
     if m == 0:
         for r in range(rows):
             for c in range(bs):
@@ -111,25 +142,18 @@ def _tile_panels(a, n0, rows, ptr, other, slots, w, transpose_w, group, bs, out,
     length = m * bs
     padded = (rows + 3) // 4 * 4
     a_panel = np.zeros((padded, length), dtype=a.dtype)
-    w_panel = np.empty((bs, length), dtype=a.dtype)
     for q in range(m):
         blk = other[start + q]
-        s = slots[start + q]
         for r in range(rows):
             for t in range(bs):
                 a_panel[r, q * bs + t] = a[n0 + r, blk * bs + t]
-        if transpose_w:
-            for t in range(bs):
-                for c in range(bs):
-                    w_panel[c, q * bs + t] = w[s, t, c]
-        else:
-            for c in range(bs):
-                for t in range(bs):
-                    w_panel[c, q * bs + t] = w[s, c, t]
+    w_panel = packed[start * bs * bs: (start + m) * bs * bs].reshape((bs, length))
     tile = np.empty((padded, bs), dtype=a.dtype)
-    for r in range(0, padded, 4):
-        for c in range(0, bs, 4):
-            _dot4x4(a_panel, r, w_panel, c, 0, length, tile, r, c, False)
+    for k0 in range(0, length, K_CHUNK):
+        chunk = min(length, k0 + K_CHUNK) - k0
+        for r in range(0, padded, 4):
+            for c in range(0, bs, 4):
+                _dot4x4(a_panel, r, w_panel, c, k0, chunk, tile, r, c, k0 > 0)
     for r in range(rows):
         for c in range(bs):
             out[n0 + r, col0 + c] = tile[r, c]
@@ -137,6 +161,7 @@ def _tile_panels(a, n0, rows, ptr, other, slots, w, transpose_w, group, bs, out,
 
 @njit(parallel=True, cache=True)
 def _grouped(a, w, ptr, other, slots, bs, transpose_w, out):
+    packed = _pack_weights(w, ptr, slots, bs, transpose_w)
     n = a.shape[0]
     groups = ptr.shape[0] - 1
     row_tiles = (n + ROW_TILE - 1) // ROW_TILE
@@ -144,7 +169,7 @@ def _grouped(a, w, ptr, other, slots, bs, transpose_w, out):
         group = task // row_tiles
         n0 = (task % row_tiles) * ROW_TILE
         rows = min(n, n0 + ROW_TILE) - n0
-        _tile_panels(a, n0, rows, ptr, other, slots, w, transpose_w, group, bs, out, group * bs)
+        _group_tile(a, n0, rows, ptr, other, packed, group, bs, out)
 
 
 def forward(x, w, col_ptr, col_rows, col_slots, block_size, y):
