@@ -1,1 +1,20 @@
-"""learn: sparsity that is learned during training (L0 hard-concrete block gates)."""
+"""learn: block sparsity learned during training.
+
+* :class:`HardConcreteGate` - L0 hard-concrete gates (Louizos, Welling & Kingma 2018),
+  one per weight block.
+* :class:`L0BlockSparseLinear` and :class:`L0BlockSparseConv2d` - block-sparse layers
+  whose blocks are scaled by their gates (the conv layer needs ``numbasparse.nn_conv``;
+  ``HAVE_CONV`` says whether it is there).
+* :func:`l0_penalty` - the expected number of live blocks (or FLOPs), or a hinge on the
+  expected density for a target-density run.
+* :class:`DynamicSparsity` - removes blocks whose gates closed (and optionally regrows
+  blocks) during training, so the kernels get faster as the model gets sparser.
+"""
+from .dynamic import DynamicSparsity, LayerReport, SparsityReport
+from .gates import DEAD_LOG_ALPHA, HardConcreteGate, zero_gate_probability
+from .layers import HAVE_CONV, L0BlockSparseConv2d, L0BlockSparseLinear, gate_parameters, gated_layers
+from .penalty import block_density, expected_density, l0_penalty
+
+__all__ = ["HardConcreteGate", "DEAD_LOG_ALPHA", "zero_gate_probability", "L0BlockSparseLinear",
+           "L0BlockSparseConv2d", "HAVE_CONV", "gated_layers", "gate_parameters", "l0_penalty",
+           "expected_density", "block_density", "DynamicSparsity", "SparsityReport", "LayerReport"]

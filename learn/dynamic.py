@@ -1,0 +1,447 @@
+"""DynamicSparsity: removes blocks whose L0 gate has closed (and optionally regrows
+others) while a model trains, so the block-sparse kernels do less work as the model
+gets sparser.
+
+Typical loop::
+
+    model = nn.Sequential(learn.L0BlockSparseLinear(512, 2048), nn.ReLU(), ...)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ctrl = learn.DynamicSparsity(model, opt, every=50, threshold=0.3)
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y) + lam * learn.l0_penalty(model, target_density=0.2)
+        opt.zero_grad(); loss.backward(); opt.step()
+        report = ctrl.step()          # a SparsityReport on update steps, else None
+        if report: print(report)
+
+What an update does, for every gated layer (weights are stored per slot, gates too):
+
+1. **Removal.** Live blocks whose keep probability ``P(z != 0)`` is below ``threshold``
+   leave the layout (``layer.set_layout(layout.remove(...))``): the kernels' index
+   tables get shorter, so the kernels stop computing them.  The freed slot's weight
+   block, its gradient and every optimizer state tensor shaped like the Parameter
+   (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, ...) are
+   zeroed at that slot, for the weight and for ``gate.log_alpha``; ``log_alpha`` is set
+   to :data:`~learn.gates.DEAD_LOG_ALPHA` (-20: every sample of the gate is exactly 0)
+   so that nothing read from a free slot is non-zero.  A layer always keeps at least
+   one block.  With ``target_density`` and no regrowth, removals stop at
+   ``ceil(target_density * total blocks)`` live blocks (lowest keep probability first).
+2. **Regrowth** (``regrow="gradient"`` or ``"random"``).  Dead blocks (not those removed at
+   this update) are revived into free slots with a zero weight, zero optimizer state and
+   a fresh gate (``log_alpha`` at the layer's ``init_keep``) until the total number of live
+   blocks is back to ``target_density * total`` (or, without a target, to the count when
+   the controller was created: RigL-style constant density).  The blocks to revive are
+   spread over the layers in proportion to what each lost at this update.  ``"gradient"`` picks, per
+   layer, the dead blocks with the largest Frobenius norm of the dense weight gradient
+   of the last training batch before the update (``x^T dy`` for a linear layer, captured
+   with forward/gradient hooks armed only for that batch and averaged over DDP ranks);
+   ``"random"`` picks uniformly with a generator seeded by ``(seed, update index, layer)``.
+
+Parameters never change shape, so the optimizer, DDP and checkpoints keep working while
+the masks change.  :meth:`DynamicSparsity.compact` (or ``layer.compact()``) shrinks the
+storage to the live blocks explicitly; that creates new Parameters: the controller
+remaps its optimizer's state onto them, but anything else holding the old Parameters
+(another optimizer, a DDP wrapper) must be rebuilt, and regrowth then has no free slots
+until blocks are removed again.
+
+Under ``torch.distributed`` the decisions depend only on synchronized values (gate
+parameters, averaged gradients, the seed); in addition the layouts decided on rank 0
+are broadcast at every update and at construction, so ranks cannot diverge.  Adam's
+per-Parameter ``step`` count is not per slot; a revived slot therefore restarts from zero
+moments with the Parameter's bias correction (as RigL does).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from numbasparse.layout import BlockLayout
+
+from .layers import block_grad_norms, gated_layers
+from .penalty import block_density, check_target_density
+
+__all__ = ["DynamicSparsity", "SparsityReport", "LayerReport"]
+
+_REGROW_MODES = (None, "gradient", "random")
+
+
+@dataclass
+class LayerReport:
+    """One gated layer after an update: live blocks ``nnz`` of ``total`` positions."""
+    name: str
+    nnz: int
+    total: int
+    removed: int = 0
+    regrown: int = 0
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.total if self.total else 0.0
+
+
+@dataclass
+class SparsityReport:
+    """What one update did: ``step`` (training steps so far), ``update`` (1-based index of
+    the update) and one :class:`LayerReport` per gated layer."""
+    step: int
+    update: int
+    layers: list = field(default_factory=list)
+
+    @property
+    def density(self) -> float:
+        """Live fraction of all block positions of all gated layers."""
+        total = sum(r.total for r in self.layers)
+        return sum(r.nnz for r in self.layers) / total if total else 0.0
+
+    @property
+    def removed(self) -> int:
+        return sum(r.removed for r in self.layers)
+
+    @property
+    def regrown(self) -> int:
+        return sum(r.regrown for r in self.layers)
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "update": self.update, "layers": [asdict(r) for r in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SparsityReport":
+        return cls(int(d["step"]), int(d["update"]), [LayerReport(**r) for r in d["layers"]])
+
+    def __str__(self):
+        per_layer = " ".join(f"{r.name or '<root>'}={r.density:.3f}" for r in self.layers)
+        return (f"step {self.step}: density {self.density:.3f} (removed {self.removed}, "
+                f"regrown {self.regrown}) | {per_layer}")
+
+
+def _int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _allocate(count: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """Split ``count`` items over bins in proportion to ``weights`` without exceeding
+    ``caps`` (largest remainder; spare items go to bins with room, in order)."""
+    alloc = np.zeros(len(caps), dtype=np.int64)
+    remaining = int(min(count, caps.sum()))
+    while remaining > 0:
+        room = caps - alloc
+        w = np.where(room > 0, weights, 0.0).astype(np.float64)
+        if w.sum() <= 0:
+            w = (room > 0).astype(np.float64)
+        share = remaining * w / w.sum()
+        base = np.minimum(np.floor(share).astype(np.int64), room)
+        if base.sum() == 0:
+            order = np.argsort(-(share - np.floor(share)), kind="stable")
+            for k in order:
+                if remaining == 0:
+                    break
+                if room[k] > 0:
+                    alloc[k] += 1
+                    remaining -= 1
+        else:
+            alloc += base
+            remaining -= int(base.sum())
+    return alloc
+
+
+class DynamicSparsity:
+    """Controller that removes blocks with closed L0 gates (and optionally regrows
+    blocks) every ``every`` training steps.  Call :meth:`step` once per training step,
+    after ``optimizer.step()``.  See the module docstring for what an update does.
+
+    Args:
+        model: module (or DDP wrapper) containing gated layers
+            (:class:`~learn.L0BlockSparseLinear`, :class:`~learn.L0BlockSparseConv2d`).
+        optimizer: the ``torch.optim.Optimizer`` training the model (its per-slot state
+            is zeroed for removed/regrown blocks), or None.
+        every: steps between updates (int >= 1).  Updates happen after steps
+            ``start + every, start + 2*every, ...`` up to ``stop``.
+        threshold: remove live blocks whose keep probability ``P(z != 0)`` is below it,
+            in (0, 1).  The default 0.3 is just under the keep probability (0.310 with the
+            default gate settings) below which the evaluation gate is exactly zero, so
+            removing such a block does not change the model's evaluation output.
+        regrow: None, ``"gradient"`` (largest dense-gradient norm, RigL) or ``"random"``.
+        target_density: fraction of all block positions (over all gated layers) to hold:
+            a floor for removals without regrowth, the level regrowth refills to with it.
+        seed: seed of the random regrowth (int >= 0).
+        start, stop: first step after which updates may happen, and last step at
+            which one may happen (None: no end).
+
+    Attributes:
+        history: list of :class:`SparsityReport`, one per update.
+        steps: training steps counted so far; ``updates``: updates done so far.
+        sync_mismatches: under torch.distributed, how many updates this rank decided
+            differently from rank 0 before adopting rank 0's layouts (0 when the ranks'
+            parameters are in sync, as they are under DDP).
+    """
+
+    def __init__(self, model: nn.Module, optimizer, every: int = 100, threshold: float = 0.3,
+                 regrow: str | None = None, target_density: float | None = None, seed: int = 0,
+                 start: int = 0, stop: int | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        self.every = _int(every, "every", 1)
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+            raise TypeError(f"threshold must be a number in (0, 1), got {threshold!r}")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        if regrow not in _REGROW_MODES:
+            raise ValueError(f"regrow must be one of {_REGROW_MODES}, got {regrow!r}")
+        target_density = check_target_density(target_density)
+        self.seed = _int(seed, "seed", 0)
+        self.start = _int(start, "start", 0)
+        self.stop = None if stop is None else _int(stop, "stop", self.start)
+        self.model = model
+        self.optimizer = optimizer
+        self.threshold = float(threshold)
+        self.regrow = regrow
+        self.target_density = target_density
+        self.steps = 0
+        self.updates = 0
+        self.sync_mismatches = 0
+        self.history: list[SparsityReport] = []
+        self._layers = gated_layers(model)
+        if not self._layers:
+            raise ValueError("model has no gated layers (learn.L0BlockSparseLinear / L0BlockSparseConv2d)")
+        if _distributed():
+            for (_, layer), layout in zip(self._layers, self._broadcast([l.layout for _, l in self._layers])):
+                if layout != layer.layout:
+                    layer.set_layout(layout)
+        self.initial_nnz = sum(layer.layout.nnz for _, layer in self._layers)
+        self._arm()
+
+    # ------------------------------------------------------------- schedule
+    def layers(self) -> list:
+        """``[(name, layer), ...]``: the gated layers of the model (found at construction)."""
+        return list(self._layers)
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether an update runs after training step ``step`` (1-based)."""
+        if step <= self.start or (self.stop is not None and step > self.stop):
+            return False
+        return (step - self.start) % self.every == 0
+
+    def _arm(self) -> None:
+        armed = self.regrow == "gradient" and self.is_update_step(self.steps + 1)
+        for _, layer in self.layers():
+            layer._arm_capture(armed)
+
+    def step(self) -> SparsityReport | None:
+        """Count one training step; on update steps run :meth:`update` and return its
+        report, otherwise return None."""
+        self.steps += 1
+        report = self.update() if self.is_update_step(self.steps) else None
+        self._arm()
+        return report
+
+    # --------------------------------------------------------------- update
+    @torch.no_grad()
+    def update(self) -> SparsityReport:
+        """Remove (and regrow) blocks now; returns the :class:`SparsityReport`."""
+        layers = self.layers()
+        self.updates += 1
+        old = [layer.layout for _, layer in layers]
+        after, removed = self._plan_removal(layers, old)
+        new = self._plan_regrowth(layers, old, after, removed) if self.regrow else after
+        if _distributed():
+            agreed = self._broadcast(new)
+            if agreed != new:
+                self.sync_mismatches += 1
+                warnings.warn("this rank's block decisions differed from rank 0's; rank 0's layouts are used",
+                              RuntimeWarning, stacklevel=2)
+            new = agreed
+        report = SparsityReport(self.steps, self.updates)
+        for (name, layer), before, layout in zip(layers, old, new):
+            n_removed, n_regrown = self._apply(layer, before, layout)
+            report.layers.append(LayerReport(name, layout.nnz, layout.in_blocks * layout.out_blocks,
+                                             n_removed, n_regrown))
+        self.history.append(report)
+        return report
+
+    def _plan_removal(self, layers, old):
+        """Layouts after removal, and the removed (rows, cols) per layer."""
+        candidates = []  # (p, layer index, entry index)
+        for li, ((_, layer), layout) in enumerate(zip(layers, old)):
+            p = layer.gate.prob_nonzero().detach().double().cpu().numpy()[layout.entry_slots]
+            entries = np.flatnonzero(p < self.threshold)
+            if entries.size and entries.size == layout.nnz:  # keep the layer's most open block
+                entries = entries[entries != int(np.argmax(p))]
+            candidates.extend((float(p[e]), li, int(e)) for e in entries)
+        if self.target_density is not None and self.regrow is None:
+            total = sum(l.in_blocks * l.out_blocks for l in old)
+            floor = math.ceil(self.target_density * total - 1e-9)
+            allowed = max(0, sum(l.nnz for l in old) - floor)
+            candidates = sorted(candidates)[:allowed]
+        after, removed = [], []
+        for li, layout in enumerate(old):
+            entries = np.array(sorted(e for _, l, e in candidates if l == li), dtype=np.int64)
+            rows, cols = layout.entry_rows[entries], layout.entry_cols[entries]
+            after.append(layout.remove(rows, cols) if entries.size else layout)
+            removed.append((rows, cols))
+        return after, removed
+
+    def _plan_regrowth(self, layers, old, after, removed):
+        total = sum(l.in_blocks * l.out_blocks for l in old)
+        if self.target_density is not None:
+            goal = int(round(self.target_density * total))
+        else:
+            goal = self.initial_nnz
+        deficit = max(0, goal - sum(l.nnz for l in after))
+        eligible = []
+        for layout, (rows, cols) in zip(after, removed):
+            ok = ~layout.mask
+            ok[rows, cols] = False  # do not revive what this update removed
+            eligible.append(ok)
+        caps = np.array([min(int(ok.sum()), l.free_slots().size) for ok, l in zip(eligible, after)])
+        lost = np.array([r.size for r, _ in removed], dtype=np.float64)
+        weights = lost if lost.sum() > 0 else np.array([ok.sum() for ok in eligible], dtype=np.float64)
+        counts = _allocate(deficit, weights, caps)
+        scores = self._gradient_scores(layers) if self.regrow == "gradient" and counts.sum() > 0 else None
+        new = []
+        for li, (layout, ok, k) in enumerate(zip(after, eligible, counts)):
+            if k == 0:
+                new.append(layout)
+                continue
+            positions = np.flatnonzero(ok.ravel())
+            if scores is not None:
+                s = scores[li].ravel()[positions]
+                chosen = positions[np.argsort(-s, kind="stable")[:k]]
+            else:
+                rng = np.random.default_rng([self.seed, self.updates, li])
+                chosen = rng.choice(positions, size=int(k), replace=False)
+            chosen = np.sort(chosen)
+            rows, cols = np.unravel_index(chosen, layout.shape)
+            new.append(layout.add(rows, cols))
+        return new
+
+    def _gradient_scores(self, layers):
+        scores = []
+        for name, layer in layers:
+            grad = layer.captured_weight_grad()
+            if grad is None:
+                raise RuntimeError(
+                    f"gradient regrowth needs the last training batch of layer {name!r}, but none "
+                    "was captured: run a forward and backward pass in training before the update "
+                    "(DynamicSparsity.step() arms the capture one step ahead)")
+            if _distributed():
+                grad = grad.contiguous()
+                torch.distributed.all_reduce(grad)
+                grad /= torch.distributed.get_world_size()
+            scores.append(block_grad_norms(grad, layer.layout.shape, layer.block_size).cpu().numpy())
+        return scores
+
+    def _broadcast(self, layouts):
+        """Rank 0's layouts, on every rank (one broadcast of all slot tables)."""
+        device = self.layers()[0][1].weight.device
+        if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flat = torch.from_numpy(np.concatenate([l.slot_table.ravel() for l in layouts]).astype(np.int64)).to(device)
+        torch.distributed.broadcast(flat, src=0)
+        flat = flat.cpu().numpy()
+        out, offset = [], 0
+        for layout in layouts:
+            table = flat[offset:offset + layout.in_blocks * layout.out_blocks].reshape(layout.shape)
+            offset += table.size
+            rows, cols = np.nonzero(table >= 0)
+            out.append(BlockLayout(table >= 0, table[rows, cols], layout.capacity))
+        return out
+
+    def _apply(self, layer, before: BlockLayout, after: BlockLayout):
+        """Install ``after`` and clear the slots it frees or fills; returns (removed, regrown)."""
+        old_tab, new_tab = before.slot_table, after.slot_table
+        gone = (old_tab >= 0) & (old_tab != new_tab)
+        came = (new_tab >= 0) & (new_tab != old_tab)
+        freed = old_tab[gone]
+        filled = new_tab[came]
+        touched = np.union1d(freed, filled)
+        if touched.size:
+            index = torch.as_tensor(touched, dtype=torch.long, device=layer.weight.device)
+            layer.weight[index] = 0
+            dead = np.setdiff1d(freed, filled)
+            if dead.size:
+                layer.gate.kill_(dead)
+            if filled.size:
+                layer.gate.reset_(filled)
+            for param in (layer.weight, layer.gate.log_alpha):
+                self._clear_slots(param, index.to(param.device))
+        if after != before:
+            layer.set_layout(after)
+        return int(gone.sum()), int(came.sum())
+
+    def _clear_slots(self, param: torch.Tensor, index: torch.Tensor) -> None:
+        if param.grad is not None:
+            param.grad[index] = 0
+        if self.optimizer is None:
+            return
+        for value in self.optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.dim() >= 1 and value.shape == param.shape:
+                value[index] = 0
+
+    # ------------------------------------------------------------- compaction
+    @torch.no_grad()
+    def compact(self) -> None:
+        """Shrink every gated layer's storage (weight and gates) to its live blocks and
+        move the optimizer's Parameters and per-slot state onto the new Parameters.
+
+        Anything else that holds the old Parameters (another optimizer, a
+        ``DistributedDataParallel`` wrapper: re-wrap ``model.module``) must be rebuilt.
+        """
+        for _, layer in self.layers():
+            slots = layer.live_slots().clone()
+            old = (layer.weight, layer.gate.log_alpha)
+            layer.compact()
+            for before, now in zip(old, (layer.weight, layer.gate.log_alpha)):
+                self._remap(before, now, slots)
+
+    def _remap(self, before, now, slots) -> None:
+        if self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            group["params"] = [now if p is before else p for p in group["params"]]
+        state = self.optimizer.state.pop(before, None)
+        if state is not None:
+            self.optimizer.state[now] = {
+                k: (v[slots.to(v.device)].clone() if torch.is_tensor(v) and v.dim() >= 1 and v.shape == before.shape
+                    else v)
+                for k, v in state.items()}
+
+    # ------------------------------------------------------------- state dict
+    def state_dict(self) -> dict:
+        """Schedule position and history.  Layouts, gates and their noise generators are
+        in the model's ``state_dict``; optimizer state in the optimizer's."""
+        return {"steps": self.steps, "updates": self.updates, "initial_nnz": self.initial_nnz,
+                "history": [r.as_dict() for r in self.history],
+                "config": {"every": self.every, "threshold": self.threshold, "regrow": self.regrow,
+                           "target_density": self.target_density, "seed": self.seed,
+                           "start": self.start, "stop": self.stop}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (the settings given to the constructor stay)."""
+        self.steps = int(state["steps"])
+        self.updates = int(state["updates"])
+        self.initial_nnz = int(state["initial_nnz"])
+        self.history = [SparsityReport.from_dict(d) for d in state.get("history", [])]
+        self._arm()
+
+    def density(self) -> float:
+        """Live fraction of all block positions of all gated layers, now."""
+        return block_density(self.model)
+
+    def __repr__(self):
+        return (f"DynamicSparsity(every={self.every}, threshold={self.threshold}, regrow={self.regrow!r}, "
+                f"target_density={self.target_density}, steps={self.steps}, density={self.density():.3f})")

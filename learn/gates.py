@@ -1,0 +1,169 @@
+"""Hard-concrete L0 gates (Louizos, Welling & Kingma, "Learning Sparse Neural Networks
+through L0 Regularization", ICLR 2018), one gate per weight block.
+
+A gate ``k`` has one parameter ``log_alpha[k]``.  With temperature ``beta`` and stretch
+interval ``(gamma, zeta)`` (``gamma < 0 < 1 < zeta``):
+
+* training sample:  ``u ~ U(eps, 1 - eps)``,
+  ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
+  ``z = clamp(s * (zeta - gamma) + gamma, 0, 1)``;
+* keep probability (the expected L0 of the gate, differentiable in ``log_alpha``):
+  ``P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))``;
+* deterministic gate (evaluation): ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``.
+
+The deterministic gate is exactly zero when ``log_alpha <= logit(-gamma / (zeta - gamma))``
+(about -2.398 with the defaults), i.e. when the keep probability is at most
+:func:`zero_gate_probability` (about 0.310 with the defaults).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+__all__ = ["HardConcreteGate", "DEAD_LOG_ALPHA", "zero_gate_probability"]
+
+#: ``log_alpha`` given to the gate of a removed block.  With the default
+#: hyper-parameters every sample of such a gate is exactly 0 (the largest noise
+#: logit is ``logit(1 - eps)`` ~ 13.8) and its keep probability is ~1e-8.
+DEAD_LOG_ALPHA = -20.0
+
+
+def _real(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def zero_gate_probability(beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1) -> float:
+    """Keep probability below which the deterministic (evaluation) gate is exactly 0."""
+    log_alpha = math.log(-gamma / zeta)  # logit(-gamma / (zeta - gamma))
+    return 1.0 / (1.0 + math.exp(-(log_alpha - beta * math.log(-gamma / zeta))))
+
+
+class HardConcreteGate(nn.Module):
+    """``n`` independent hard-concrete gates with parameter ``log_alpha`` of shape ``(n,)``.
+
+    Args:
+        n: number of gates (for a block-sparse layer: its storage capacity, one gate
+            per weight slot).
+        beta: temperature (> 0).  gamma, zeta: stretch interval, ``gamma < 0``, ``zeta > 1``.
+        init_keep: initial keep probability ``P(z != 0)`` in (0, 1); ``log_alpha`` starts
+            at ``logit(init_keep) + beta * log(-gamma / zeta)`` (the inverse of
+            :meth:`prob_nonzero`).
+        eps: the noise ``u`` is drawn from ``U(eps, 1 - eps)``, ``0 < eps < 0.5``.
+        seed: seed of the gate's own noise generator (a CPU ``torch.Generator`` whose
+            state is saved in ``state_dict``, so a resumed run draws the same noise and
+            every DDP rank built with the same seed draws the same noise).  ``None``
+            draws the seed from torch's global generator at construction.
+
+    Calling the module returns ``(n,)`` gate values: a fresh sample in training mode,
+    the deterministic gate in evaluation mode.
+    """
+
+    def __init__(self, n: int, beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1,
+                 init_keep: float = 0.9, eps: float = 1e-6, seed: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"n must be an integer, got {n!r}")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        beta, gamma, zeta = _real(beta, "beta"), _real(gamma, "gamma"), _real(zeta, "zeta")
+        init_keep, eps = _real(init_keep, "init_keep"), _real(eps, "eps")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if gamma >= 0:
+            raise ValueError(f"gamma must be < 0, got {gamma}")
+        if zeta <= 1:
+            raise ValueError(f"zeta must be > 1, got {zeta}")
+        if not 0.0 < init_keep < 1.0:
+            raise ValueError(f"init_keep must be in (0, 1), got {init_keep}")
+        if not 0.0 < eps < 0.5:
+            raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        self.n = int(n)
+        self.beta, self.gamma, self.zeta = beta, gamma, zeta
+        self.init_keep = init_keep
+        self.eps = eps
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.log_alpha = nn.Parameter(torch.full((self.n,), self.init_log_alpha, device=device, dtype=dtype))
+
+    # ------------------------------------------------------------------ formulas
+    @property
+    def init_log_alpha(self) -> float:
+        """``log_alpha`` whose keep probability is ``init_keep``."""
+        p = self.init_keep
+        return math.log(p / (1.0 - p)) + self.beta * math.log(-self.gamma / self.zeta)
+
+    def prob_nonzero(self) -> torch.Tensor:
+        """``(n,)`` keep probabilities ``P(z != 0) = sigmoid(log_alpha - beta*log(-gamma/zeta))``
+        (the expected L0 norm of each gate; differentiable in ``log_alpha``)."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+
+    def deterministic(self) -> torch.Tensor:
+        """``(n,)`` evaluation gates ``clamp(sigmoid(log_alpha)*(zeta-gamma)+gamma, 0, 1)``."""
+        return torch.clamp(torch.sigmoid(self.log_alpha) * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
+
+    def noise(self) -> torch.Tensor:
+        """``(n,)`` uniform noise ``u ~ U(eps, 1-eps)`` from the gate's generator, on
+        ``log_alpha``'s device and dtype (drawn on the CPU, so the stream is device-independent)."""
+        u = torch.rand(self.n, generator=self.generator, dtype=torch.float64)
+        u = self.eps + (1.0 - 2.0 * self.eps) * u
+        return u.to(device=self.log_alpha.device, dtype=self.log_alpha.dtype)
+
+    def sample(self, u: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n,)`` stochastic gates ``clamp(sigmoid((logit(u)+log_alpha)/beta)*(zeta-gamma)+gamma, 0, 1)``;
+        ``u`` (shape ``(n,)``) defaults to :meth:`noise`."""
+        if u is None:
+            u = self.noise()
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        return torch.clamp(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
+
+    def forward(self) -> torch.Tensor:
+        """``(n,)`` gate values: :meth:`sample` in training mode, :meth:`deterministic` in eval mode."""
+        return self.sample() if self.training else self.deterministic()
+
+    # ------------------------------------------------------------------ editing
+    @torch.no_grad()
+    def reset_(self, index) -> None:
+        """Set the gates ``index`` (int tensor/array) back to ``init_keep``."""
+        self.log_alpha[torch.as_tensor(index, dtype=torch.long, device=self.log_alpha.device)] = self.init_log_alpha
+
+    @torch.no_grad()
+    def kill_(self, index) -> None:
+        """Set the gates ``index`` to :data:`DEAD_LOG_ALPHA` (samples exactly 0)."""
+        self.log_alpha[torch.as_tensor(index, dtype=torch.long, device=self.log_alpha.device)] = DEAD_LOG_ALPHA
+
+    def compact_(self, index) -> None:
+        """Keep only the gates ``index`` (a new ``log_alpha`` Parameter of shape ``(len(index),)``:
+        optimizers holding the old one must be rebuilt or remapped)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.log_alpha.device)
+        self.log_alpha = nn.Parameter(self.log_alpha.detach()[index].clone())
+        self.n = int(index.numel())
+
+    # ------------------------------------------------------------ state dict
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state(), "seed": self.seed}
+
+    def set_extra_state(self, state):
+        self.seed = int(state["seed"])
+        self.generator.set_state(state["generator"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A compacted checkpoint has fewer gates: resize before the copy.
+        incoming = state_dict.get(prefix + "log_alpha")
+        if incoming is not None and incoming.dim() == 1 and incoming.shape != self.log_alpha.shape:
+            self.log_alpha = nn.Parameter(self.log_alpha.new_empty(incoming.shape))
+            self.n = int(incoming.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"n={self.n}, beta={self.beta:.4g}, gamma={self.gamma:g}, zeta={self.zeta:g}, "
+                f"init_keep={self.init_keep:g}")
