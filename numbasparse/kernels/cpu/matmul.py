@@ -21,6 +21,7 @@ rows for forward/data; a live block for weight), so there are no atomics and the
 result does not depend on the thread count.
 """
 import numpy as np
+import numba
 from numba import njit, prange
 
 # reassoc lets LLVM vectorize the reductions; no nnan/ninf, so NaN and inf propagate.
@@ -31,19 +32,31 @@ N_CHUNK = 64       # reduction chunk of the weight gradient (a block's panels st
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _dot4x4(a, a0, b, b0, t0, length, out, r0, c0, accumulate):
-    """out[r0+r, c0+c] (+)= sum_t a[a0+r, t0+t] * b[b0+c, t0+t] for r, c in 0..3."""
+def _dot4x4(a, a0, at, b, b0, bt, length, out, r0, c0, accumulate):
+    """out[r0+r, c0+c] (+)= sum_t a[a0+r, at+t] * b[b0+c, bt+t] for r, c in 0..3, t < length.
+
+    The eight rows are taken as 1-D views first: indexing them with the loop counter
+    alone lets LLVM prove the indices non-negative and emit plain vector loads.
+    """
     s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0)
     s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0)
-    for t in range(t0, t0 + length):
-        x0 = a[a0, t]
-        x1 = a[a0 + 1, t]
-        x2 = a[a0 + 2, t]
-        x3 = a[a0 + 3, t]
-        w0 = b[b0, t]
-        w1 = b[b0 + 1, t]
-        w2 = b[b0 + 2, t]
-        w3 = b[b0 + 3, t]
+    a_0 = a[a0, at:at + length]
+    a_1 = a[a0 + 1, at:at + length]
+    a_2 = a[a0 + 2, at:at + length]
+    a_3 = a[a0 + 3, at:at + length]
+    b_0 = b[b0, bt:bt + length]
+    b_1 = b[b0 + 1, bt:bt + length]
+    b_2 = b[b0 + 2, bt:bt + length]
+    b_3 = b[b0 + 3, bt:bt + length]
+    for t in range(length):
+        x0 = a_0[t]
+        x1 = a_1[t]
+        x2 = a_2[t]
+        x3 = a_3[t]
+        w0 = b_0[t]
+        w1 = b_1[t]
+        w2 = b_2[t]
+        w3 = b_3[t]
         s00 += x0 * w0
         s01 += x0 * w1
         s02 += x0 * w2
@@ -97,39 +110,36 @@ def _dot4x4(a, a0, b, b0, t0, length, out, r0, c0, accumulate):
 
 @njit(parallel=True, cache=True)
 def _pack_weights(w, ptr, slots, bs, transpose_w):
-    """Weights of every group laid out as contiguous panels, one pass per call.
+    """Weights of every group laid out as contiguous panel rows, one pass per call.
 
-    Group g (an output block column for forward, an input block row for data) owns
-    ``packed[ptr[g]*bs*bs : ptr[g+1]*bs*bs]`` viewed as ``(bs, m_g*bs)``: row ``c`` holds
-    the reduction vector of output column ``c`` of the group, its live blocks side by
-    side (``w[s][:, c]`` for forward, ``w[s][c, :]`` for data).
+    ``packed`` is ``(bs, nnz*bs)``; group g (an output block column for forward, an
+    input block row for data) owns columns ``ptr[g]*bs : ptr[g+1]*bs``.  Row ``c`` of
+    that panel is the reduction vector of the group's output column ``c``, its live
+    blocks side by side (``w[s][:, c]`` for forward, ``w[s][c, :]`` for data).
     """
-    groups = ptr.shape[0] - 1
-    packed = np.empty(ptr[groups] * bs * bs, dtype=w.dtype)
-    for g in prange(groups):
-        length = (ptr[g + 1] - ptr[g]) * bs
-        panel = packed[ptr[g] * bs * bs: ptr[g + 1] * bs * bs].reshape((bs, length))
-        for q in range(ptr[g + 1] - ptr[g]):
-            s = slots[ptr[g] + q]
+    total = ptr[ptr.shape[0] - 1]
+    packed = np.empty((bs, total * bs), dtype=w.dtype)
+    for c in prange(bs):
+        for e in range(total):
+            s = slots[e]
             if transpose_w:
                 for t in range(bs):
-                    for c in range(bs):
-                        panel[c, q * bs + t] = w[s, t, c]
+                    packed[c, e * bs + t] = w[s, t, c]
             else:
-                for c in range(bs):
-                    for t in range(bs):
-                        panel[c, q * bs + t] = w[s, c, t]
+                for t in range(bs):
+                    packed[c, e * bs + t] = w[s, c, t]
     return packed
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _group_tile(a, n0, rows, ptr, other, packed, group, bs, out):
+def _group_tile(a, n0, rows, ptr, other, packed, group, bs, a_panel, tile, out):
     """One forward/data task: ``out[n0:n0+rows, group*bs:(group+1)*bs]``.
 
     ``a`` is x (forward) or dy (data); the group's live blocks are
-    ``other[ptr[group]:ptr[group+1]]``; its weight panel is in ``packed``.
-    The rows of ``a`` are packed into a zero-padded panel (multiple of 4 rows),
-    then 4x4 output tiles are reduced over the panel in chunks of K_CHUNK columns.
+    ``other[ptr[group]:ptr[group+1]]``; its weight panel is in ``packed``.  The rows
+    of ``a`` are gathered into ``a_panel`` (the worker's scratch; rows past ``rows``
+    hold stale values whose results are discarded), then 4x4 output tiles are
+    reduced over the panel in chunks of K_CHUNK columns.
     """
     start = ptr[group]
     m = ptr[group + 1] - start
@@ -141,49 +151,55 @@ def _group_tile(a, n0, rows, ptr, other, packed, group, bs, out):
         return
     length = m * bs
     padded = (rows + 3) // 4 * 4
-    a_panel = np.zeros((padded, length), dtype=a.dtype)
     for q in range(m):
         blk = other[start + q]
         for r in range(rows):
             for t in range(bs):
                 a_panel[r, q * bs + t] = a[n0 + r, blk * bs + t]
-    w_panel = packed[start * bs * bs: (start + m) * bs * bs].reshape((bs, length))
-    tile = np.empty((padded, bs), dtype=a.dtype)
     for k0 in range(0, length, K_CHUNK):
         chunk = min(length, k0 + K_CHUNK) - k0
         for r in range(0, padded, 4):
             for c in range(0, bs, 4):
-                _dot4x4(a_panel, r, w_panel, c, k0, chunk, tile, r, c, k0 > 0)
+                _dot4x4(a_panel, r, k0, packed, c, start * bs + k0, chunk, tile, r, c, k0 > 0)
     for r in range(rows):
         for c in range(bs):
             out[n0 + r, col0 + c] = tile[r, c]
 
 
 @njit(parallel=True, cache=True)
-def _grouped(a, w, ptr, other, slots, bs, transpose_w, out):
+def _grouped(a, w, ptr, other, slots, bs, transpose_w, threads, out):
     packed = _pack_weights(w, ptr, slots, bs, transpose_w)
     n = a.shape[0]
     groups = ptr.shape[0] - 1
     row_tiles = (n + ROW_TILE - 1) // ROW_TILE
-    for task in prange(groups * row_tiles):
-        group = task // row_tiles
-        n0 = (task % row_tiles) * ROW_TILE
-        rows = min(n, n0 + ROW_TILE) - n0
-        _group_tile(a, n0, rows, ptr, other, packed, group, bs, out)
+    tasks = groups * row_tiles
+    longest = 0
+    for g in range(groups):
+        longest = max(longest, (ptr[g + 1] - ptr[g]) * bs)
+    # One worker per thread, each with its own scratch, taking every workers-th task.
+    workers = max(1, min(threads, tasks))
+    for worker in prange(workers):
+        a_panel = np.empty((ROW_TILE, max(longest, 1)), dtype=a.dtype)
+        tile = np.empty((ROW_TILE, bs), dtype=a.dtype)
+        for task in range(worker, tasks, workers):
+            group = task // row_tiles
+            n0 = (task % row_tiles) * ROW_TILE
+            rows = min(n, n0 + ROW_TILE) - n0
+            _group_tile(a, n0, rows, ptr, other, packed, group, bs, a_panel, tile, out)
 
 
 def forward(x, w, col_ptr, col_rows, col_slots, block_size, y):
     """y (N, K) = x (N, C) @ W; every element of y is written."""
     if x.shape[0] == 0:
         return
-    _grouped(x, w, col_ptr, col_rows, col_slots, block_size, True, y)
+    _grouped(x, w, col_ptr, col_rows, col_slots, block_size, True, numba.get_num_threads(), y)
 
 
 def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx):
     """dx (N, C) = dy (N, K) @ W^T; every element of dx is written."""
     if dy.shape[0] == 0:
         return
-    _grouped(dy, w, row_ptr, row_cols, row_slots, block_size, False, dx)
+    _grouped(dy, w, row_ptr, row_cols, row_slots, block_size, False, numba.get_num_threads(), dx)
 
 
 @njit(parallel=True, cache=True)
@@ -207,7 +223,7 @@ def _weight_grad(xt, dyt, entry_rows, entry_cols, entry_slots, bs, dw):
             length = min(n, n0 + N_CHUNK) - n0
             for k in range(0, bs, 4):
                 for c in range(0, bs, 4):
-                    _dot4x4(xt, i * bs + k, dyt, j * bs + c, n0, length, block, k, c, n0 > 0)
+                    _dot4x4(xt, i * bs + k, n0, dyt, j * bs + c, n0, length, block, k, c, n0 > 0)
 
 
 def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw):
