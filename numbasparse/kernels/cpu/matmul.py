@@ -16,96 +16,21 @@ LLVM vectorizes the reduction loop, 8 loads per 16 FMAs.
 * data:     dx[n, iB+k] = sum over live j of dy[n, jB:(j+1)B] . w[s][k, :]
 * weight:   dw[s][k, c] = x[:, iB+k] . dy[:, jB+c]   (x and dy transposed once).
 
-Threading: a prange over independent output tiles (a block column and a tile of
-rows for forward/data; a live block for weight), so there are no atomics and the
-result does not depend on the thread count.
+Threading: forward/data run one prange worker per thread, each with its own scratch
+panel, taking every workers-th task (a block column and a tile of rows); the weight
+gradient runs a prange over live blocks.  Every task owns its outputs, so there are
+no atomics and the result does not depend on the thread count.
 """
 import numpy as np
 import numba
 from numba import njit, prange
 
-# reassoc lets LLVM vectorize the reductions; no nnan/ninf, so NaN and inf propagate.
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+from .microkernel import FASTMATH as _FASTMATH
+from .microkernel import dot4x4 as _dot4x4
+
 ROW_TILE = 64      # rows of x per forward/data task
 K_CHUNK = 1024     # reduction chunk of forward/data (4 panel rows stay in L1)
 N_CHUNK = 64       # reduction chunk of the weight gradient (a block's panels stay in L1)
-
-
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _dot4x4(a, a0, at, b, b0, bt, length, out, r0, c0, accumulate):
-    """out[r0+r, c0+c] (+)= sum_t a[a0+r, at+t] * b[b0+c, bt+t] for r, c in 0..3, t < length.
-
-    The eight rows are taken as 1-D views first: indexing them with the loop counter
-    alone lets LLVM prove the indices non-negative and emit plain vector loads.
-    """
-    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0)
-    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0)
-    a_0 = a[a0, at:at + length]
-    a_1 = a[a0 + 1, at:at + length]
-    a_2 = a[a0 + 2, at:at + length]
-    a_3 = a[a0 + 3, at:at + length]
-    b_0 = b[b0, bt:bt + length]
-    b_1 = b[b0 + 1, bt:bt + length]
-    b_2 = b[b0 + 2, bt:bt + length]
-    b_3 = b[b0 + 3, bt:bt + length]
-    for t in range(length):
-        x0 = a_0[t]
-        x1 = a_1[t]
-        x2 = a_2[t]
-        x3 = a_3[t]
-        w0 = b_0[t]
-        w1 = b_1[t]
-        w2 = b_2[t]
-        w3 = b_3[t]
-        s00 += x0 * w0
-        s01 += x0 * w1
-        s02 += x0 * w2
-        s03 += x0 * w3
-        s10 += x1 * w0
-        s11 += x1 * w1
-        s12 += x1 * w2
-        s13 += x1 * w3
-        s20 += x2 * w0
-        s21 += x2 * w1
-        s22 += x2 * w2
-        s23 += x2 * w3
-        s30 += x3 * w0
-        s31 += x3 * w1
-        s32 += x3 * w2
-        s33 += x3 * w3
-    if accumulate:
-        s00 += out[r0, c0]
-        s01 += out[r0, c0 + 1]
-        s02 += out[r0, c0 + 2]
-        s03 += out[r0, c0 + 3]
-        s10 += out[r0 + 1, c0]
-        s11 += out[r0 + 1, c0 + 1]
-        s12 += out[r0 + 1, c0 + 2]
-        s13 += out[r0 + 1, c0 + 3]
-        s20 += out[r0 + 2, c0]
-        s21 += out[r0 + 2, c0 + 1]
-        s22 += out[r0 + 2, c0 + 2]
-        s23 += out[r0 + 2, c0 + 3]
-        s30 += out[r0 + 3, c0]
-        s31 += out[r0 + 3, c0 + 1]
-        s32 += out[r0 + 3, c0 + 2]
-        s33 += out[r0 + 3, c0 + 3]
-    out[r0, c0] = s00
-    out[r0, c0 + 1] = s01
-    out[r0, c0 + 2] = s02
-    out[r0, c0 + 3] = s03
-    out[r0 + 1, c0] = s10
-    out[r0 + 1, c0 + 1] = s11
-    out[r0 + 1, c0 + 2] = s12
-    out[r0 + 1, c0 + 3] = s13
-    out[r0 + 2, c0] = s20
-    out[r0 + 2, c0 + 1] = s21
-    out[r0 + 2, c0 + 2] = s22
-    out[r0 + 2, c0 + 3] = s23
-    out[r0 + 3, c0] = s30
-    out[r0 + 3, c0 + 1] = s31
-    out[r0 + 3, c0 + 2] = s32
-    out[r0 + 3, c0 + 3] = s33
 
 
 @njit(parallel=True, cache=True)
