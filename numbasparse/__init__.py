@@ -7,11 +7,12 @@ from . import layouts
 from .functional import block_sparse_matmul
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, BlocksparseMatMul
+from .nn_conv import BlockSparseConv2d
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "layouts", "block_sparse_matmul", "BlockSparseLinear", "BlocksparseMatMul",
-           "set_num_threads", "__version__"]
+           "BlockSparseConv2d", "set_num_threads", "__version__"]
 
 
 def set_num_threads(n: int) -> None:

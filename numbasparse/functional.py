@@ -10,7 +10,7 @@ from ._checks import (as_layout, block_size_of, check_features, check_same_place
                       check_tensor, check_weight_shape)
 from .layout import BlockLayout
 
-__all__ = ["block_sparse_matmul"]
+__all__ = ["block_sparse_matmul", "block_sparse_conv2d"]
 
 
 class _BlockSparseMatMul(torch.autograd.Function):
@@ -64,3 +64,6 @@ def block_sparse_matmul(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     y = _BlockSparseMatMul.apply(x2d, w.contiguous(), layout, block_size)
     return y.reshape(*lead, layout.out_blocks * block_size)
+
+
+from .conv import block_sparse_conv2d  # noqa: E402

@@ -1,0 +1,220 @@
+"""Block-sparse 2-D convolution with autograd: :func:`block_sparse_conv2d`.
+
+The channel connectivity of the convolution is a :class:`BlockLayout` of shape
+``(in_channels // B, out_channels // B)``; spatially the convolution is dense (every
+tap of a live block is stored and computed).
+
+Weight storage: ``w (capacity, kh, kw, B, B)``.  Block ``w[s]`` of live entry
+``(i, j)`` maps input channels ``iB:(i+1)B`` to output channels ``jB:(j+1)B`` at every
+tap: ``w[s, dh, dw, k, c]`` multiplies input channel ``iB + k`` into output channel
+``jB + c`` at tap ``(dh, dw)``, so ``w[s, dh, dw]`` is laid out like a
+:func:`~numbasparse.block_sparse_matmul` block (``x @ w``).  The dense
+``nn.Conv2d``-shaped weight is ``dense[jB + c, iB + k, dh, dw] = w[s, dh, dw, k, c]``.
+
+Kernels (numba.njit for CPU tensors, numba.cuda for CUDA tensors) live in
+``numbasparse.kernels.{cpu,cuda}.conv``; their designs are described there.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import backend
+from ._checks import SUPPORTED_BLOCK_SIZES, as_layout, check_same_placement, check_tensor
+from .layout import BlockLayout
+
+__all__ = ["block_sparse_conv2d", "conv_geometry", "ConvGeometry", "dense_conv_weight", "conv_blocks_from_dense"]
+
+
+class ConvGeometry(NamedTuple):
+    """Validated geometry of one convolution call: pairs ``stride (sh, sw)``,
+    ``padding (top, left)`` (the bottom / right padding only shows in the output size),
+    ``dilation (dil_h, dil_w)`` and ``output_size (Ho, Wo)``."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    output_size: tuple
+
+
+def _pair(value, name, minimum):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {len(value)} values: {tuple(value)!r}")
+        values = tuple(value)
+    else:
+        values = (value, value)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        if v < minimum:
+            kind = "positive" if minimum > 0 else "non-negative"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(values[0]), int(values[1])
+
+
+def conv_geometry(input_size, kernel_size, stride=1, padding=0, dilation=1) -> ConvGeometry:
+    """Validate ``stride``/``padding``/``dilation`` the way ``torch.nn.functional.conv2d``
+    accepts them and return the :class:`ConvGeometry` for an ``(H, W)`` input and a
+    ``(kh, kw)`` kernel.
+
+    ``padding`` is an int, a pair, ``'valid'`` (no padding) or ``'same'`` (output size
+    equal to the input size; stride 1 only; an odd total padding puts the extra row /
+    column at the bottom / right, as PyTorch does).
+    """
+    sh, sw = _pair(stride, "stride", 1)
+    dil = _pair(dilation, "dilation", 1)
+    kh, kw = kernel_size
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if (sh, sw) != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride {(sh, sw)}")
+            total_h, total_w = dil[0] * (kh - 1), dil[1] * (kw - 1)
+            pads = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+        else:
+            raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    else:
+        ph, pw = _pair(padding, "padding", 0)
+        pads = (ph, ph, pw, pw)
+    height, width = input_size
+    out_h = (height + pads[0] + pads[1] - dil[0] * (kh - 1) - 1) // sh + 1
+    out_w = (width + pads[2] + pads[3] - dil[1] * (kw - 1) - 1) // sw + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"input of spatial size {(height, width)} is too small for kernel {(kh, kw)} with "
+                         f"dilation {dil} and padding {padding!r}: the output would be {(out_h, out_w)}")
+    return ConvGeometry((sh, sw), (pads[0], pads[2]), dil, (out_h, out_w))
+
+
+def _conv_forward(x, w, layout, block_size, geometry):
+    kernels, target = backend._kernels("conv", x.device)
+    n = x.shape[0]
+    y = torch.empty((n, layout.out_blocks * block_size, *geometry.output_size), dtype=x.dtype, device=x.device)
+    with backend._Launch(target, x.device) as launch:
+        kernels.forward(launch.array(x), launch.array(w), *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
+                        block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(y),
+                        **backend._stream_kw(target, launch))
+    return y
+
+
+def _conv_backward_data(dy, w, layout, block_size, geometry, input_size):
+    kernels, target = backend._kernels("conv", dy.device)
+    dx = torch.empty((dy.shape[0], layout.in_blocks * block_size, *input_size), dtype=dy.dtype, device=dy.device)
+    with backend._Launch(target, dy.device) as launch:
+        kernels.backward_data(launch.array(dy), launch.array(w),
+                              *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
+                              block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(dx),
+                              **backend._stream_kw(target, launch))
+    return dx
+
+
+def _conv_backward_weight(x, dy, w_shape, layout, block_size, geometry):
+    kernels, target = backend._kernels("conv", x.device)
+    dw = torch.zeros(w_shape, dtype=x.dtype, device=x.device)
+    with backend._Launch(target, x.device) as launch:
+        kernels.backward_weight(launch.array(x), launch.array(dy),
+                                *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
+                                block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(dw),
+                                **backend._stream_kw(target, launch))
+    return dw
+
+
+class _BlockSparseConv2d(torch.autograd.Function):
+    """y (N, K, Ho, Wo) = conv2d(x (N, C, H, W), W) with W given as blocks
+    w (capacity, kh, kw, B, B) placed by a layout."""
+
+    @staticmethod
+    def forward(ctx, x, w, layout, block_size, geometry):
+        ctx.layout = layout
+        ctx.block_size = block_size
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, w)
+        return _conv_forward(x, w, layout, block_size, geometry)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _conv_backward_data(dy, w, ctx.layout, ctx.block_size, ctx.geometry, tuple(x.shape[2:]))
+        if ctx.needs_input_grad[1]:
+            dw = _conv_backward_weight(x, dy, tuple(w.shape), ctx.layout, ctx.block_size, ctx.geometry)
+        return dx, dw, None, None, None
+
+
+def block_sparse_conv2d(x: torch.Tensor, w: torch.Tensor, layout, block_size: int | None = None, stride=1,
+                        padding=0, dilation=1) -> torch.Tensor:
+    """Block-sparse ``conv2d(x, W)`` (no bias) with autograd for ``x`` and ``w``.
+
+    Args:
+        x: ``(N, C, H, W)`` (NCHW) with ``C = layout.in_blocks * B``; made contiguous once.
+        w: ``(layout.capacity, kh, kw, B, B)``: ``w[s, dh, dw, k, c]`` multiplies input
+            channel ``iB + k`` into output channel ``jB + c`` at tap ``(dh, dw)`` for the
+            live entry ``(i, j)`` stored in slot ``s``.
+        layout: :class:`BlockLayout` (or a 2-D 0/1 block mask) of shape
+            ``(in_channels // B, out_channels // B)``.
+        block_size: B in {8, 16, 32}; defaults to ``w.shape[-1]``.
+        stride, padding, dilation: as in ``torch.nn.functional.conv2d`` (ints or pairs;
+            ``padding`` may also be ``'same'`` (stride 1) or ``'valid'``).
+
+    Returns:
+        ``(N, layout.out_blocks * B, Ho, Wo)``; output channel blocks with no live input
+        block are exactly zero.  Equal to ``F.conv2d(x, dense, stride=..., padding=...,
+        dilation=...)`` with ``dense`` the ``(out, in, kh, kw)`` weight of the blocks.
+    """
+    layout = as_layout(layout)
+    check_tensor("x", x)
+    check_tensor("w", w)
+    check_same_placement(x, w)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got {x.dim()}-D shape {tuple(x.shape)}")
+    if w.dim() != 5:
+        raise ValueError(f"w must be 5-D (capacity, kh, kw, B, B), got {w.dim()}-D shape {tuple(w.shape)}")
+    if block_size is None:
+        block_size = int(w.shape[-1])
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    kh, kw = int(w.shape[1]), int(w.shape[2])
+    expected = (layout.capacity, kh, kw, block_size, block_size)
+    if tuple(w.shape) != expected or kh < 1 or kw < 1:
+        raise ValueError(f"w must have shape (capacity, kh, kw, B, B) = (layout.capacity={layout.capacity}, kh, kw, "
+                         f"{block_size}, {block_size}) with kh, kw >= 1, got {tuple(w.shape)}")
+    if x.shape[1] != layout.in_blocks * block_size:
+        raise ValueError(f"x has {x.shape[1]} channels but the layout has {layout.in_blocks} input blocks of size "
+                         f"{block_size} ({layout.in_blocks * block_size} channels)")
+    geometry = conv_geometry(tuple(x.shape[2:]), (kh, kw), stride, padding, dilation)
+    return _BlockSparseConv2d.apply(x.contiguous(), w.contiguous(), layout, block_size, geometry)
+
+
+def dense_conv_weight(w: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
+    """Dense ``(out_channels, in_channels, kh, kw)`` weight (like ``nn.Conv2d.weight``)
+    from blocks ``w (capacity, kh, kw, B, B)``; differentiable in ``w``, zeros where the
+    layout has no block."""
+    B = block_size
+    kh, kw = w.shape[1], w.shape[2]
+    rows = layout.index_tensor("entry_rows", w.device)
+    cols = layout.index_tensor("entry_cols", w.device)
+    slots = layout.index_tensor("entry_slots", w.device)
+    dense = w.new_zeros(layout.out_blocks, layout.in_blocks, B, B, kh, kw)   # [j, i, c, k, dh, dw]
+    dense[cols, rows] = w[slots].permute(0, 4, 3, 1, 2)
+    return dense.permute(0, 2, 1, 3, 4, 5).reshape(layout.out_blocks * B, layout.in_blocks * B, kh, kw)
+
+
+def conv_blocks_from_dense(dense: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
+    """Blocks ``(capacity, kh, kw, B, B)`` cut from a dense ``(out, in, kh, kw)`` weight at
+    the layout's live entries (free slots are zero)."""
+    B = block_size
+    out_ch, in_ch, kh, kw = dense.shape
+    blocks = dense.reshape(layout.out_blocks, B, layout.in_blocks, B, kh, kw)   # [j, c, i, k, dh, dw]
+    rows = layout.index_tensor("entry_rows", dense.device)
+    cols = layout.index_tensor("entry_cols", dense.device)
+    slots = layout.index_tensor("entry_slots", dense.device)
+    out = dense.new_zeros(layout.capacity, kh, kw, B, B)
+    out[slots] = blocks[cols, :, rows].permute(0, 3, 4, 2, 1)   # [e, c, k, dh, dw] -> [e, dh, dw, k, c]
+    return out

@@ -1,0 +1,469 @@
+"""Block-sparse 2-D convolution kernels for CPUs (numba.njit, parallel).
+
+Shapes (all arrays C-contiguous, one dtype, float32 or float64):
+
+* ``x  (N, C, H, W)``  input, NCHW, ``C = in_blocks * B``;
+* ``y  (N, K, Ho, Wo)`` output, NCHW, ``K = out_blocks * B``;
+* ``w  (capacity, kh, kw, B, B)``: ``w[s, dh, dw, k, c]`` multiplies input channel
+  ``iB + k`` at tap ``(dh, dw)`` into output channel ``jB + c``, for the live entry
+  ``(i, j)`` stored in slot ``s``.
+
+Geometry: ``y[n, jB+c, oh, ow] = sum x[n, iB+k, oh*sh - pt + dh*dil_h, ow*sw - pl + dw*dil_w]
+* w[s, dh, dw, k, c]`` over live ``(i, j, s)``, taps and ``k``; out-of-range input
+pixels are zero (``pt``, ``pl`` are the top/left padding; the bottom/right padding
+only shows in ``Ho``, ``Wo``).
+
+Design: implicit GEMM with packed panels and a register-blocked micro-kernel.
+Every output element is a dot product over a *reduction panel*; the kernels pack
+both operands into contiguous rows and run a 4x4 micro-kernel (16 accumulators, 8
+loads per 16 FMAs; unsigned indices so that LLVM vectorizes the reduction loop to
+full-width vectors).  numba gives us no SIMD intrinsics and no SLP vectorization, so
+a reduction that is contiguous in memory on both operands is the one loop shape that
+reliably runs at vector speed; everything else is arranged around it.
+
+* forward: one task owns a tile of ``PIXEL_TILE`` output pixels of one image, for
+  all output block columns ``j``.  The reduction index of column ``j`` is
+  ``(live input block q, tap, k)``, length ``m_j * kh * kw * B``.  The input comes
+  from a channels-last copy of ``x``, so each (pixel, block, tap) is one contiguous
+  run of ``B`` channels (zeros where the tap falls into the padding).  With many live
+  blocks (``nnz > 1.25 * in_blocks``) the task first gathers the tile's full im2col
+  rows ``(block, tap, k)`` once, and column ``j`` copies its live blocks' contiguous
+  ``kh*kw*B`` runs from them (a single live block is read in place); with few live
+  blocks each column gathers its runs straight from ``x``.  Rows are packed four at
+  a time into an L1-sized buffer right before the micro-kernel uses them.  The weight
+  panel of column ``j`` (``B x m_j*kh*kw*B``) is packed once per call.
+* data gradient: the same gather kernel run on a channels-last copy of ``dy`` with the
+  transposed blocks.  With stride ``s > 1``, input pixels are grouped by phase
+  ``(ih % sh, iw % sw)``: all pixels of one phase see the same set of taps, so only
+  the taps that reach an output pixel enter the reduction (no zero-insertion).
+* weight gradient: one task owns one tap ``(dh, dw)`` of every live block of one block
+  row ``i`` (``dw[s, dh, dw]`` for the live ``(i, j, s)``).  The reduction runs over
+  the output pixels of all images back to back: ``dy`` is copied once to
+  ``(K, N*Ho*Wo)``, and per chunk of output rows the task packs the shifted input rows
+  ``x[n, iB:(i+1)B]`` at its tap (``B x pixels``) once and reuses them for every live
+  ``j`` of the row.
+
+Reusing the matmul kernels as a sum of shifted matmuls would materialize one shifted
+copy of ``x`` per tap and write (and re-read) the output ``kh*kw`` times; packing the
+taps into one reduction panel gathers each input run once per tile and writes each
+output once, with the whole ``m_j*kh*kw*B`` reduction in registers.
+
+Threading: a prange over workers (one per numba thread), each with its own scratch
+panels, taking tasks round-robin.  Every output element is written by exactly one
+task, with a fixed summation order (no atomics): results do not depend on the thread
+count.
+"""
+import contextlib
+
+import numba
+import numpy as np
+from numba import njit, prange, uint64
+
+from .microkernel import FASTMATH as _FASTMATH
+from .microkernel import dot4x4 as _dot4x4
+PIXEL_TILE = 64      # output pixels per forward / data-gradient task
+PIXEL_CHUNK = 1024   # pixels per packed panel of the weight gradient
+WORKERS_PER_THREAD = 4   # workers handed out one at a time: balance when a core is busy
+
+
+def _max_workers():
+    return numba.get_num_threads() * WORKERS_PER_THREAD
+
+
+@contextlib.contextmanager
+def _dynamic_schedule():
+    """prange hands out one iteration (worker) at a time instead of equal static blocks."""
+    previous = numba.set_parallel_chunksize(1)
+    try:
+        yield
+    finally:
+        numba.set_parallel_chunksize(previous)
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _copy(dst, d0, src, s0, count):
+    """dst[d0:d0+count] = src[s0:s0+count] for 1-D arrays and non-negative offsets."""
+    ud = uint64(d0)
+    us = uint64(s0)
+    for u in range(uint64(count)):
+        dst[ud + u] = src[us + u]
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _fill_zero(dst, d0, count):
+    ud = uint64(d0)
+    for u in range(uint64(count)):
+        dst[ud + u] = 0
+
+
+@njit(parallel=True, cache=True)
+def _to_channels_last(x, out):
+    """out[n, h, w, c] = x[n, c, h, w]."""
+    n_img, chans, height, width = x.shape
+    for task in prange(n_img * height):
+        n = task // height
+        h = task % height
+        for c0 in range(0, chans, 16):
+            c1 = min(chans, c0 + 16)
+            for w in range(width):
+                for c in range(c0, c1):
+                    out[n, h, w, c] = x[n, c, h, w]
+
+
+@njit(parallel=True, cache=True)
+def _pack_weights(w, ptr, slots, tap_h, tap_w, tap_count, transpose, wp):
+    """Weight panels of the gather kernel.
+
+    ``wp[p, g, r, (q*nt + t)*B + u]`` is the weight joining reduction element
+    ``(q, t, u)`` to output row ``r`` of group ``g`` in phase ``p``: for the q-th live
+    block of group g (slot ``slots[ptr[g] + q]``) at the phase's t-th tap
+    ``(tap_h[p, t], tap_w[p, t])``, ``w[s, th, tw, u, r]`` (forward) or
+    ``w[s, th, tw, r, u]`` (``transpose``, data gradient).
+    """
+    bs = w.shape[3]
+    phases = tap_count.shape[0]
+    groups = ptr.shape[0] - 1
+    for task in prange(phases * groups):
+        p = task // groups
+        g = task % groups
+        nt = tap_count[p]
+        start = ptr[g]
+        for q in range(ptr[g + 1] - start):
+            s = slots[start + q]
+            for t in range(nt):
+                th = tap_h[p, t]
+                tw = tap_w[p, t]
+                col = (q * nt + t) * bs
+                if transpose:
+                    for r in range(bs):
+                        for u in range(bs):
+                            wp[p, g, r, col + u] = w[s, th, tw, r, u]
+                else:
+                    for u in range(bs):
+                        for r in range(bs):
+                            wp[p, g, r, col + u] = w[s, th, tw, u, r]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _gather_conv(src, wp, ptr, other, grid_h, grid_w, phase_h, phase_w, tap_count, off_h, off_w,
+                 step_h, step_w, dst_step_h, dst_step_w, max_workers, dst):
+    """dst[n, gB + r, phase_h[p] + a*dst_step_h, phase_w[p] + b*dst_step_w] =
+    sum over the live blocks o = other[ptr[g]:ptr[g+1]] (q-th), taps t < tap_count[p], u < B of
+        src[n, a*step_h + off_h[p, t], b*step_w + off_w[p, t], oB + u] * wp[p, g, r, (q*nt + t)*B + u]
+    with src pixels outside the array read as zero.
+
+    src ``(N, Hs, Ws, Cs)`` is channels-last; dst ``(N, groups*B, Hd, Wd)`` is NCHW.
+    Phase p covers the ``grid_h[p] x grid_w[p]`` dst pixels ``(a, b)``.  Every dst
+    element in some phase is written (zeros where no live block or no tap reaches it).
+    """
+    # Thread/data mapping: worker w (WORKERS_PER_THREAD per numba thread, handed out one
+    # at a time, each with its own scratch panels) takes tasks w, w + workers, ...;
+    # task = ((n * phases + p) * tiles + tile) * splits + part owns dst pixels
+    # [tile*PT, tile*PT + PT) of phase p (row-major over (a, b)) of image n in the channel
+    # blocks g = part, part + splits, ... (splits > 1 only when there are too few pixel
+    # tiles to occupy the workers).
+    # Packing: when the live blocks are many (nnz > 1.25 * source blocks), the task first
+    # gathers the tile's full im2col rows cols[i, (o*nt + t)*B + u] (every source block o,
+    # B-channel runs from src) once, and each group then copies its live blocks' nt*B-long
+    # runs from it; otherwise each group gathers its B-channel runs straight from src.
+    n_img, src_h, src_w, src_c = src.shape
+    src1 = src.ravel()
+    bs = wp.shape[2]
+    lmax = wp.shape[3]
+    groups = ptr.shape[0] - 1
+    phases = tap_count.shape[0]
+    src_blocks = src_c // bs
+    max_nt = 0
+    for p in range(phases):
+        max_nt = max(max_nt, tap_count[p])
+    shared = other.shape[0] * 4 > src_blocks * 5
+    ldc = src_blocks * max_nt * bs if shared else 1
+    max_pixels = 0
+    for p in range(phases):
+        max_pixels = max(max_pixels, grid_h[p] * grid_w[p])
+    tiles = (max_pixels + PIXEL_TILE - 1) // PIXEL_TILE
+    base_tasks = n_img * phases * tiles
+    splits = 1
+    if base_tasks < max_workers:
+        splits = min(max(groups, 1), (max_workers + base_tasks - 1) // max(base_tasks, 1))
+    n_tasks = base_tasks * splits
+    workers = min(max_workers, max(n_tasks, 1))
+    dst_hw = dst.shape[2] * dst.shape[3]
+    dst1 = dst.ravel()
+    for worker in prange(workers):
+        panel = np.empty((4, lmax), dtype=src.dtype)
+        flat = panel.ravel()
+        cols = np.empty(PIXEL_TILE * ldc, dtype=src.dtype)
+        cols2 = cols.reshape(PIXEL_TILE, ldc)
+        tile_out = np.empty((PIXEL_TILE, bs), dtype=src.dtype)
+        dpix = np.empty(PIXEL_TILE, dtype=np.int64)
+        spix = np.empty((PIXEL_TILE, max(max_nt, 1)), dtype=np.int64)
+        for task in range(worker, n_tasks, workers):
+            part = task % splits
+            rest = task // splits
+            tile = rest % tiles
+            rest = rest // tiles
+            p = rest % phases
+            n = rest // phases
+            gw = grid_w[p]
+            npix = grid_h[p] * gw
+            p0 = tile * PIXEL_TILE
+            if p0 >= npix:
+                continue
+            rows = min(npix - p0, PIXEL_TILE)
+            nt = tap_count[p]
+            padded = (rows + 3) // 4 * 4
+            # flat source pixel offset of (row i, tap t), -1 outside; flat dst pixel of row i
+            for i in range(rows):
+                a = (p0 + i) // gw
+                b = (p0 + i) - a * gw
+                dpix[i] = (phase_h[p] + a * dst_step_h) * dst.shape[3] + phase_w[p] + b * dst_step_w
+                for t in range(nt):
+                    hs = a * step_h + off_h[p, t]
+                    ws = b * step_w + off_w[p, t]
+                    if hs >= 0 and hs < src_h and ws >= 0 and ws < src_w:
+                        spix[i, t] = ((n * src_h + hs) * src_w + ws) * src_c
+                    else:
+                        spix[i, t] = -1
+            if shared:
+                for i in range(rows):
+                    for t in range(nt):
+                        sp = spix[i, t]
+                        if sp >= 0:
+                            for o in range(src_blocks):
+                                _copy(cols, i * ldc + (o * nt + t) * bs, src1, sp + o * bs, bs)
+                        else:
+                            for o in range(src_blocks):
+                                _fill_zero(cols, i * ldc + (o * nt + t) * bs, bs)
+                for i in range(rows, padded):
+                    _fill_zero(cols, i * ldc, src_blocks * nt * bs)
+            for g in range(part, groups, splits):
+                start = ptr[g]
+                m = ptr[g + 1] - start
+                length = m * nt * bs
+                out0 = (n * groups + g) * bs * dst_hw
+                if length == 0:
+                    for r in range(bs):
+                        for i in range(rows):
+                            dst1[out0 + r * dst_hw + dpix[i]] = 0
+                    continue
+                run = nt * bs
+                wpg = wp[p, g]
+                if shared and m == 1:
+                    # a single live block: its im2col run is already contiguous
+                    for i0 in range(0, padded, 4):
+                        for r in range(0, bs, 4):
+                            _dot4x4(cols2, i0, other[start] * run, wpg, r, 0, run, tile_out, i0, r, False)
+                    for r in range(bs):
+                        for i in range(rows):
+                            dst1[out0 + r * dst_hw + dpix[i]] = tile_out[i, r]
+                    continue
+                for i0 in range(0, padded, 4):
+                    # 4 pixel rows of the reduction panel, packed into an L1-sized buffer
+                    for i in range(i0, i0 + 4):
+                        row = (i - i0) * lmax
+                        if i >= rows:
+                            _fill_zero(flat, row, length)
+                        elif shared:
+                            for q in range(m):
+                                _copy(flat, row + q * run, cols, i * ldc + other[start + q] * run, run)
+                        else:
+                            for t in range(nt):
+                                sp = spix[i, t]
+                                if sp >= 0:
+                                    for q in range(m):
+                                        _copy(flat, row + (q * nt + t) * bs, src1, sp + other[start + q] * bs, bs)
+                                else:
+                                    for q in range(m):
+                                        _fill_zero(flat, row + (q * nt + t) * bs, bs)
+                    for r in range(0, bs, 4):
+                        _dot4x4(panel, 0, 0, wpg, r, 0, length, tile_out, i0, r, False)
+                for r in range(bs):
+                    for i in range(rows):
+                        dst1[out0 + r * dst_hw + dpix[i]] = tile_out[i, r]
+
+
+def _forward_taps(kh, kw, pt, pl, dil_h, dil_w):
+    taps = np.arange(kh * kw)
+    tap_h = (taps // kw).reshape(1, -1)
+    tap_w = (taps % kw).reshape(1, -1)
+    return tap_h, tap_w, np.array([kh * kw]), -pt + tap_h * dil_h, -pl + tap_w * dil_w
+
+
+def _data_phases(kh, kw, sh, sw, pt, pl, dil_h, dil_w, height, width):
+    """Phases of the data gradient: input pixels (ph + sh*a, pw + sw*b) and the taps
+    (dh, dw) that reach an output pixel from them: (ph + pt - dh*dil_h) % sh == 0,
+    at output row a + (ph + pt - dh*dil_h) // sh (and likewise for columns)."""
+    phases = sh * sw
+    tap_h = np.zeros((phases, kh * kw), np.int64)
+    tap_w = np.zeros_like(tap_h)
+    off_h = np.zeros_like(tap_h)
+    off_w = np.zeros_like(tap_h)
+    count = np.zeros(phases, np.int64)
+    phase_h = np.zeros(phases, np.int64)
+    phase_w = np.zeros(phases, np.int64)
+    grid_h = np.zeros(phases, np.int64)
+    grid_w = np.zeros(phases, np.int64)
+    for p in range(phases):
+        ph, pw = divmod(p, sw)
+        phase_h[p], phase_w[p] = ph, pw
+        grid_h[p] = max(0, -(-(height - ph) // sh))
+        grid_w[p] = max(0, -(-(width - pw) // sw))
+        rows = [dh for dh in range(kh) if (ph + pt - dh * dil_h) % sh == 0]
+        cols = [dw for dw in range(kw) if (pw + pl - dw * dil_w) % sw == 0]
+        t = 0
+        for dh in rows:
+            for dw in cols:
+                tap_h[p, t], tap_w[p, t] = dh, dw
+                off_h[p, t] = (ph + pt - dh * dil_h) // sh
+                off_w[p, t] = (pw + pl - dw * dil_w) // sw
+                t += 1
+        count[p] = t
+    return phase_h, phase_w, grid_h, grid_w, tap_h, tap_w, count, off_h, off_w
+
+
+def _max_live(ptr):
+    counts = np.diff(np.asarray(ptr))
+    return int(counts.max()) if counts.size else 0
+
+
+def forward(x, w, col_ptr, col_rows, col_slots, block_size, stride, padding, dilation, y):
+    """y (N, K, Ho, Wo) = conv2d(x (N, C, H, W), W); every element of y is written.
+
+    ``stride = (sh, sw)``, ``padding = (pt, pl)`` (top, left), ``dilation = (dil_h, dil_w)``.
+    """
+    n_img, _, height, width = x.shape
+    _, kh, kw, bs, _ = w.shape
+    if y.size == 0:
+        return
+    x_cl = np.empty((n_img, height, width, x.shape[1]), dtype=x.dtype)
+    _to_channels_last(x, x_cl)
+    tap_h, tap_w, count, off_h, off_w = _forward_taps(kh, kw, padding[0], padding[1], dilation[0], dilation[1])
+    groups = col_ptr.shape[0] - 1
+    lmax = max(_max_live(col_ptr) * kh * kw * bs, 1)
+    wp = np.empty((1, groups, bs, lmax), dtype=w.dtype)
+    _pack_weights(w, col_ptr, col_slots, tap_h, tap_w, count, False, wp)
+    zero = np.zeros(1, np.int64)
+    with _dynamic_schedule():
+        _gather_conv(x_cl, wp, col_ptr, col_rows, np.array([y.shape[2]]), np.array([y.shape[3]]), zero, zero,
+                     count, off_h, off_w, stride[0], stride[1], 1, 1, _max_workers(), y)
+
+
+def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, stride, padding, dilation, dx):
+    """dx (N, C, H, W) = gradient of the convolution with respect to x, from dy (N, K, Ho, Wo).
+
+    Every element of dx is written (exact zeros where no live block or tap reaches it).
+    """
+    n_img, _, out_h, out_w = dy.shape
+    _, kh, kw, bs, _ = w.shape
+    height, width = dx.shape[2], dx.shape[3]
+    if dx.size == 0:
+        return
+    dy_cl = np.empty((n_img, out_h, out_w, dy.shape[1]), dtype=dy.dtype)
+    _to_channels_last(dy, dy_cl)
+    phase_h, phase_w, grid_h, grid_w, tap_h, tap_w, count, off_h, off_w = _data_phases(
+        kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], height, width)
+    groups = row_ptr.shape[0] - 1
+    lmax = max(_max_live(row_ptr) * int(count.max()) * bs, 1)
+    wp = np.empty((count.shape[0], groups, bs, lmax), dtype=w.dtype)
+    _pack_weights(w, row_ptr, row_slots, tap_h, tap_w, count, True, wp)
+    with _dynamic_schedule():
+        _gather_conv(dy_cl, wp, row_ptr, row_cols, grid_h, grid_w, phase_h, phase_w, count, off_h, off_w,
+                     1, 1, stride[0], stride[1], _max_workers(), dx)
+
+
+@njit(parallel=True, cache=True)
+def _images_last(dy3, out):
+    """out[c, n*P + p] = dy3[n, c, p]: every channel's pixels of all images in one row."""
+    n_img, chans, n_pix = dy3.shape
+    flat = out.ravel()
+    for c in prange(chans):
+        for n in range(n_img):
+            _copy(flat, (c * n_img + n) * n_pix, dy3[n, c], 0, n_pix)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _weight_grad(x, dyt, row_ptr, row_cols, row_slots, out_h, out_w, stride_h, stride_w, pad_t, pad_l,
+                 dil_h, dil_w, max_workers, dw):
+    """dw[s, dh, dwi, k, c] = sum over images n and output pixels (oh, ow) of
+    x[n, iB+k, oh*sh - pt + dh*dil_h, ow*sw - pl + dwi*dil_w] * dyt[jB+c, (n*Ho + oh)*Wo + ow]
+    for the live entries (i, j, s); dead slots untouched."""
+    # Thread/data mapping: worker w (as in _gather_conv) takes tasks w, w + workers, ...;
+    # task = tap * in_blocks + i owns dw[s, dh, dwi] of every live (i, j, s) of block row i
+    # at tap (dh, dwi).  The reduction runs over all N*Ho*Wo output pixels (images back to
+    # back, so small images still give long dot products) in chunks of whole output rows:
+    # per chunk the task packs panel[k, g] = shifted x (B x pixels) once and runs the
+    # micro-kernel against dyt[jB:(j+1)B, chunk] for each live j.
+    n_img, chans, height, width = x.shape
+    x1 = x.ravel()
+    _, kh, kw, bs, _ = dw.shape
+    in_blocks = row_ptr.shape[0] - 1
+    n_tasks = kh * kw * in_blocks
+    n_rows = n_img * out_h               # output rows of all images
+    rows_per_chunk = min(max(1, PIXEL_CHUNK // out_w), n_rows)
+    chunk = rows_per_chunk * out_w
+    workers = min(max_workers, max(n_tasks, 1))
+    for worker in prange(workers):
+        panel = np.empty((bs, chunk), dtype=x.dtype)
+        flat = panel.ravel()
+        for task in range(worker, n_tasks, workers):
+            i = task % in_blocks
+            tap = task // in_blocks
+            dh = tap // kw
+            dwi = tap % kw
+            start = row_ptr[i]
+            stop = row_ptr[i + 1]
+            if start == stop:
+                continue
+            # output columns whose input column is inside the image: ow in [lo, hi)
+            shift_w = -pad_l + dwi * dil_w
+            lo = 0
+            while lo < out_w and lo * stride_w + shift_w < 0:
+                lo += 1
+            hi = out_w
+            while hi > lo and (hi - 1) * stride_w + shift_w >= width:
+                hi -= 1
+            for r0 in range(0, n_rows, rows_per_chunk):
+                r1 = min(n_rows, r0 + rows_per_chunk)
+                length = (r1 - r0) * out_w
+                for k in range(bs):
+                    for r in range(r0, r1):
+                        n = r // out_h
+                        oh = r - n * out_h
+                        base = k * chunk + (r - r0) * out_w
+                        ih = oh * stride_h - pad_t + dh * dil_h
+                        if ih < 0 or ih >= height:
+                            _fill_zero(flat, base, out_w)
+                            continue
+                        _fill_zero(flat, base, lo)
+                        src0 = ((n * chans + i * bs + k) * height + ih) * width + shift_w
+                        if stride_w == 1:
+                            _copy(flat, base + lo, x1, src0 + lo, hi - lo)
+                        else:
+                            for ow in range(lo, hi):
+                                flat[uint64(base + ow)] = x1[uint64(src0 + ow * stride_w)]
+                        _fill_zero(flat, base + hi, out_w - hi)
+                for e in range(start, stop):
+                    j = row_cols[e]
+                    out = dw[row_slots[e], dh, dwi]
+                    for k in range(0, bs, 4):
+                        for c in range(0, bs, 4):
+                            _dot4x4(panel, k, 0, dyt, j * bs + c, r0 * out_w, length, out, k, c, r0 > 0)
+
+
+def backward_weight(x, dy, row_ptr, row_cols, row_slots, block_size, stride, padding, dilation, dw):
+    """dw (capacity, kh, kw, B, B): gradient at the live slots; dead slots untouched.
+
+    ``x (N, C, H, W)`` and ``dy (N, K, Ho, Wo)`` are NCHW.
+    """
+    if row_cols.shape[0] == 0:
+        return
+    n_img, k_out, out_h, out_w = dy.shape
+    if n_img == 0 or out_h * out_w == 0:
+        dw[np.asarray(row_slots)] = 0
+        return
+    dyt = np.empty((k_out, n_img * out_h * out_w), dtype=dy.dtype)
+    _images_last(dy.reshape(n_img, k_out, out_h * out_w), dyt)
+    with _dynamic_schedule():
+        _weight_grad(x, dyt, row_ptr, row_cols, row_slots, out_h, out_w, stride[0], stride[1], padding[0],
+                     padding[1], dilation[0], dilation[1], _max_workers(), dw)
