@@ -13,7 +13,6 @@ Parameters' shapes, so optimizers, DDP and checkpoints keep working.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 

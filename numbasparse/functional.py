@@ -8,7 +8,6 @@ from torch.autograd.function import once_differentiable
 from . import backend
 from ._checks import (as_layout, block_size_of, check_features, check_same_placement,
                       check_tensor, check_weight_shape)
-from .layout import BlockLayout
 
 __all__ = ["block_sparse_matmul", "block_sparse_conv2d"]
 

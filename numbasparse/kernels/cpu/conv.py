@@ -53,31 +53,16 @@ panels, taking tasks round-robin.  Every output element is written by exactly on
 task, with a fixed summation order (no atomics): results do not depend on the thread
 count.
 """
-import contextlib
-
-import numba
 import numpy as np
 from numba import njit, prange, uint64
 
 from .microkernel import FASTMATH as _FASTMATH
 from .microkernel import dot4x4 as _dot4x4
+from .scheduling import dynamic_schedule as _dynamic_schedule
+from .scheduling import max_workers as _max_workers
+
 PIXEL_TILE = 64      # output pixels per forward / data-gradient task
 PIXEL_CHUNK = 1024   # pixels per packed panel of the weight gradient
-WORKERS_PER_THREAD = 4   # workers handed out one at a time: balance when a core is busy
-
-
-def _max_workers():
-    return numba.get_num_threads() * WORKERS_PER_THREAD
-
-
-@contextlib.contextmanager
-def _dynamic_schedule():
-    """prange hands out one iteration (worker) at a time instead of equal static blocks."""
-    previous = numba.set_parallel_chunksize(1)
-    try:
-        yield
-    finally:
-        numba.set_parallel_chunksize(previous)
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
