@@ -16,7 +16,7 @@ import torch
 from .matmul import matmul_rows
 from .timing import Progress
 
-__all__ = ["run", "format_table", "machine_info", "matmul_rows"]
+__all__ = ["run", "format_table", "format_summary", "machine_info", "matmul_rows"]
 
 
 def _conv_rows(**kwargs):
@@ -75,9 +75,9 @@ def run(device="cpu", hidden=4096, batches=(32, 256), block_sizes=(8, 16, 32),
         conv_block_sizes=(16, 32), reference=True, show_progress=True):
     """Run the benchmark grid; returns ``{"info": machine_info, "rows": [row dicts]}``."""
     set_threads(threads)
-    n_matmul = len(batches) * (4 + len(block_sizes) * len(densities) * (4 + (6 if peers else 0)))
-    n_conv = (4 + len(conv_block_sizes) * len(densities) * (4 + (4 if peers else 0))) if conv else 0
-    n_ref = (1 + len(densities) * 3) if device == "cuda" and reference else 0
+    n_matmul = len(batches) * len(block_sizes) * len(densities) * 4
+    n_conv = len(conv_block_sizes) * len(densities) * 4 if conv else 0
+    n_ref = len([d for d in densities if d < 1.0]) if device == "cuda" and reference else 0
     progress = Progress(n_matmul + n_conv + n_ref, enabled=show_progress)
     rows = matmul_rows(device, hidden, batches, block_sizes, densities, repeats, peers, progress=progress)
     if conv:
@@ -108,4 +108,27 @@ def format_table(rows) -> str:
         size = r.get("hidden", r.get("channels", ""))
         lines.append(f"{r['op']:<19}{r['impl']:<14}{r.get('batch', ''):>6}{size:>7}{block:>6}{r['density']:>8.2f}"
                      f"{r['ms']:>10.3f}{r['gflops']:>9.1f}{r['speedup_vs_dense']:>8.2f}x")
+    return "\n".join(lines)
+
+
+def format_summary(rows) -> str:
+    """Per case: numbasparse's throughput over live blocks as a fraction of dense
+    torch's throughput (same rounds), and its speedup over PyTorch's BSR path."""
+    by_case = {}
+    for r in rows:
+        if r.get("block") is None:
+            continue
+        key = (r["op"].replace(" train step", " step"), r.get("batch"), r["block"], r["density"])
+        by_case.setdefault(key, {})[r["impl"]] = r
+    head = f"{'op':<19}{'batch':>6}{'block':>6}{'density':>8}{'throughput/dense':>18}{'speedup/BSR':>13}"
+    lines = [head, "-" * len(head)]
+    for (op, batch, block, density), impls in by_case.items():
+        ours = impls.get("numbasparse")
+        if ours is None:
+            continue
+        # live FLOPs = density * dense FLOPs, so throughput ratio = speedup * density
+        efficiency = ours["speedup_vs_dense"] * density if density > 0 else float("nan")
+        bsr = impls.get("torch BSR")
+        vs_bsr = f"{bsr['ms'] / ours['ms']:.2f}x" if bsr else "-"
+        lines.append(f"{op:<19}{batch or '':>6}{block:>6}{density:>8.2f}{efficiency:>18.2f}{vs_bsr:>13}")
     return "\n".join(lines)

@@ -3,7 +3,7 @@ import argparse
 import json
 import sys
 
-from . import format_table, run
+from . import format_summary, format_table, run
 
 
 def _plot(rows, path):
@@ -69,6 +69,8 @@ def main(argv=None):
     print(f"# numbasparse bench: {info.get('gpu', info['cpu'])}, {info['threads']} threads, "
           f"torch {info['torch']}, numba {info['numba']}, {info['date']}, commit {info['commit']}")
     print(format_table(result["rows"]))
+    print()
+    print(format_summary(result["rows"]))
     if args.compile:
         from .compile import compile_times, format_compile
 

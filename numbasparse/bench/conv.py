@@ -3,13 +3,15 @@
 weight gradient and a full training step (forward + backward)."""
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
 from .. import layouts
 from ..conv import _conv_backward_data, _conv_backward_weight, _conv_forward, conv_geometry
 from ..nn_conv import BlockSparseConv2d
-from .timing import median_ms
+from .timing import interleaved_ms
 
 __all__ = ["conv_rows"]
 
@@ -63,7 +65,7 @@ def _flops(op, batch, size, live_weights):
 
 def _row(op, impl, batch, channels, block, density, ms, dense_ms, flops):
     return {"op": op, "impl": impl, "batch": batch, "channels": channels, "block": block, "density": density,
-            "ms": ms, "gflops": flops / (ms * 1e6), "speedup_vs_dense": dense_ms / ms}
+            "ms": ms, "gflops": flops / (ms * 1e6), "dense_ms": dense_ms, "speedup_vs_dense": dense_ms / ms}
 
 
 def conv_rows(device="cpu", repeats=5, block_sizes=(16, 32), densities=(1.0, 0.5, 0.25, 0.1, 0.03), batch=8,
@@ -76,7 +78,9 @@ def conv_rows(device="cpu", repeats=5, block_sizes=(16, 32), densities=(1.0, 0.5
     "masked dense"), batch, channels, block, density, ms (median), gflops (effective:
     live blocks only, ``2 * N * Ho * Wo * nnz * B^2 * kh * kw`` per pass, three passes
     for a training step) and speedup_vs_dense (dense torch time / this time).
-    ``progress`` is called with a description before each measurement.
+    ``progress`` is called with a description before each measurement.  All
+    implementations of an op are timed in interleaved rounds; each speedup is against
+    the dense time of the same rounds.
     """
     progress = progress or (lambda what: None)
     gen = torch.Generator().manual_seed(seed)
@@ -85,12 +89,8 @@ def conv_rows(device="cpu", repeats=5, block_sizes=(16, 32), densities=(1.0, 0.5
     dense_weight = (torch.randn(channels, channels, KERNEL, KERNEL, generator=gen)
                     / (channels * KERNEL * KERNEL) ** 0.5).to(device)
     rows = []
-    dense_ms = {}
-    for op, fn in _dense_cases(x, dy, dense_weight).items():
-        progress(f"dense torch  {op:<16} batch {batch} channels {channels}")
-        dense_ms[op] = median_ms(fn, device, repeats)
-        rows.append(_row(op, "dense torch", batch, channels, None, 1.0, dense_ms[op], dense_ms[op],
-                         _flops(op, batch, size, channels * channels * KERNEL * KERNEL)))
+    dense = _dense_cases(x, dy, dense_weight)
+    dense_samples = {op: [] for op in OPS}
     for block in block_sizes:
         for density in densities:
             blocks = channels // block
@@ -99,12 +99,17 @@ def conv_rows(device="cpu", repeats=5, block_sizes=(16, 32), densities=(1.0, 0.5
             layer = BlockSparseConv2d(channels, channels, KERNEL, layout, block, padding=PADDING, bias=False).to(device)
             mask = torch.from_numpy(layout.mask.T).repeat_interleave(block, 0).repeat_interleave(block, 1)
             mask = mask[:, :, None, None].to(device=device, dtype=dense_weight.dtype)   # (out, in, 1, 1)
-            cases = {"numbasparse": _ours(x, dy, layer),
-                     "masked dense": _dense_cases(x, dy, layer.to_dense().detach(), mask)}
-            for impl, ops in cases.items():
-                for op, fn in ops.items():
-                    progress(f"{impl:<12} {op:<16} block {block} density {density}")
-                    ms = median_ms(fn, device, repeats)
-                    rows.append(_row(op, impl, batch, channels, block, density, ms, dense_ms[op],
+            ours = _ours(x, dy, layer)
+            masked = _dense_cases(x, dy, layer.to_dense().detach(), mask)
+            for op in OPS:
+                progress(f"{op:<16} block {block} density {density}: dense torch, numbasparse, masked dense")
+                ms = interleaved_ms({"dense torch": dense[op], "numbasparse": ours[op], "masked dense": masked[op]},
+                                    device, repeats)
+                dense_samples[op].append(ms["dense torch"])
+                for impl in ("numbasparse", "masked dense"):
+                    rows.append(_row(op, impl, batch, channels, block, density, ms[impl], ms["dense torch"],
                                      _flops(op, batch, size, live)))
-    return rows
+    dense_rows = [_row(op, "dense torch", batch, channels, None, 1.0, statistics.median(dense_samples[op]),
+                       statistics.median(dense_samples[op]), _flops(op, batch, size, channels * channels * KERNEL * KERNEL))
+                  for op in OPS if dense_samples[op]]
+    return dense_rows + rows

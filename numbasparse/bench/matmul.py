@@ -3,13 +3,14 @@ BSR path and masked dense, for forward, data gradient, weight gradient and a ful
 training step (forward + backward)."""
 from __future__ import annotations
 
+import statistics
 import warnings
 
 import torch
 
 from .. import backend, layouts
 from ..nn import BlockSparseLinear
-from .timing import median_ms
+from .timing import interleaved_ms
 
 OPS = ("fwd", "bwd-data", "bwd-weight", "train step")
 
@@ -81,22 +82,22 @@ def matmul_rows(device="cpu", hidden=4096, batches=(32, 256), block_sizes=(8, 16
                 densities=(1.0, 0.5, 0.25, 0.1, 0.03), repeats=5, peers=True, seed=0, progress=None,
                 ops=OPS):
     """Time every (batch, block, density) case; returns a list of row dicts with keys
-    op, impl, batch, hidden, block, density, ms, gflops, speedup_vs_dense."""
+    op, impl, batch, hidden, block, density, ms, gflops, speedup_vs_dense.
+
+    Within a case every implementation of an op (dense torch included) is timed in
+    interleaved rounds, and each row's speedup is against the dense time of the same
+    rounds.  The dense rows report the median over all cases of their batch.
+    """
     progress = progress or (lambda what: None)
     rows = []
     gen = torch.Generator().manual_seed(seed)
     for batch in batches:
+        first_row = len(rows)
         x = torch.randn(batch, hidden, generator=gen).to(device)
         dy = torch.randn(batch, hidden, generator=gen).to(device)
         dense_weight = torch.randn(hidden, hidden, generator=gen).to(device) / hidden ** 0.5
-        dense_ms = {}
-        for op, fn in _dense_cases(x, dy, dense_weight, device).items():
-            if op not in ops:
-                continue
-            progress(f"dense torch  {op:<11} batch {batch}")
-            dense_ms[op] = median_ms(fn, device, repeats)
-            rows.append(_row(op, "dense torch", batch, hidden, None, 1.0, dense_ms[op], dense_ms[op],
-                             _flops(op, batch, hidden, hidden * hidden)))
+        dense = _dense_cases(x, dy, dense_weight, device)
+        dense_samples = {op: [] for op in ops}
         for block in block_sizes:
             for density in densities:
                 layout = layouts.random(hidden // block, hidden // block, density, seed=seed)
@@ -109,14 +110,20 @@ def matmul_rows(device="cpu", hidden=4096, batches=(32, 256), block_sizes=(8, 16
                     cases["masked dense"] = _masked_cases(x, dy, masked, mask, device)
                     if layout.nnz:
                         cases["torch BSR"] = _bsr_cases(x, dy, masked, block)
-                for impl, ops_of_impl in cases.items():
-                    for op, fn in ops_of_impl.items():
-                        if op not in ops:
-                            continue
-                        progress(f"{impl:<12} {op:<11} batch {batch} block {block} density {density}")
-                        ms = median_ms(fn, device, repeats)
-                        rows.append(_row(op, impl, batch, hidden, block, density, ms, dense_ms[op],
-                                         _flops(op, batch, hidden, live)))
+                for op in ops:
+                    fns = {"dense torch": dense[op]}
+                    fns.update({impl: impl_ops[op] for impl, impl_ops in cases.items() if op in impl_ops})
+                    progress(f"{op:<11} batch {batch} block {block} density {density}: {', '.join(fns)}")
+                    ms = interleaved_ms(fns, device, repeats)
+                    dense_samples[op].append(ms["dense torch"])
+                    for impl in fns:
+                        if impl != "dense torch":
+                            rows.append(_row(op, impl, batch, hidden, block, density, ms[impl],
+                                             ms["dense torch"], _flops(op, batch, hidden, live)))
+        rows[first_row:first_row] = [
+            _row(op, "dense torch", batch, hidden, None, 1.0, statistics.median(dense_samples[op]),
+                 statistics.median(dense_samples[op]), _flops(op, batch, hidden, hidden * hidden))
+            for op in ops if dense_samples[op]]
     return rows
 
 
@@ -132,4 +139,4 @@ def _element_mask(layout, block, device):
 
 def _row(op, impl, batch, hidden, block, density, ms, dense_ms, flops):
     return {"op": op, "impl": impl, "batch": batch, "hidden": hidden, "block": block, "density": density,
-            "ms": ms, "gflops": flops / (ms * 1e6), "speedup_vs_dense": dense_ms / ms}
+            "ms": ms, "gflops": flops / (ms * 1e6), "dense_ms": dense_ms, "speedup_vs_dense": dense_ms / ms}

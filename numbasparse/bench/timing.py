@@ -42,6 +42,27 @@ def median_ms(fn, device: str = "cpu", repeats: int = 5, warmup: int = 1, min_ti
     return statistics.median(samples)
 
 
+def interleaved_ms(fns: dict, device: str = "cpu", repeats: int = 5, warmup: int = 1,
+                   budget_s: float = 4.0) -> dict:
+    """Median milliseconds of each function in ``fns``, timed in interleaved rounds
+    (one run of each per round), so that a machine whose speed drifts during the run
+    (turbo, other processes) shifts every implementation alike.  Rounds stop after
+    ``repeats``, or earlier once ``budget_s`` is spent and at least 3 rounds are done.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    samples = {name: [] for name in fns}
+    started = time.perf_counter()
+    for round_ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(median_ms(fn, device, repeats=1, warmup=0))
+        if round_ >= 2 and time.perf_counter() - started > budget_s:
+            break
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 class Progress:
     """One status line per measurement, rewritten in place on a terminal."""
 
