@@ -3,15 +3,16 @@
 ``numba.cuda`` kernels for NVIDIA GPUs and ``numba.njit`` kernels for CPUs, bridged
 into PyTorch without copies, with autograd and ``torch.nn`` modules.
 """
-from . import layouts
-from .functional import block_sparse_matmul
+from . import functional, layouts
+from .functional import block_sparse_conv2d, block_sparse_matmul
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, BlocksparseMatMul
 from .nn_conv import BlockSparseConv2d
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockLayout", "layouts", "block_sparse_matmul", "BlockSparseLinear", "BlocksparseMatMul",
+__all__ = ["BlockLayout", "layouts", "functional", "block_sparse_matmul", "block_sparse_conv2d",
+           "BlockSparseLinear", "BlocksparseMatMul",
            "BlockSparseConv2d", "set_num_threads", "__version__"]
 
 
