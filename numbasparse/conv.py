@@ -23,7 +23,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import backend
-from ._checks import SUPPORTED_BLOCK_SIZES, as_layout, check_same_placement, check_tensor
+from ._checks import as_layout, check_block_size, check_same_placement, check_tensor
 from .layout import BlockLayout
 
 __all__ = ["block_sparse_conv2d", "conv_geometry", "ConvGeometry", "dense_conv_weight", "conv_blocks_from_dense"]
@@ -176,10 +176,7 @@ def block_sparse_conv2d(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
         raise ValueError(f"x must be 4-D (N, C, H, W), got {x.dim()}-D shape {tuple(x.shape)}")
     if w.dim() != 5:
         raise ValueError(f"w must be 5-D (capacity, kh, kw, B, B), got {w.dim()}-D shape {tuple(w.shape)}")
-    if block_size is None:
-        block_size = int(w.shape[-1])
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    block_size = check_block_size(int(w.shape[-1]) if block_size is None else block_size)
     kh, kw = int(w.shape[1]), int(w.shape[2])
     expected = (layout.capacity, kh, kw, block_size, block_size)
     if tuple(w.shape) != expected or kh < 1 or kw < 1:

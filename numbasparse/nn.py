@@ -13,7 +13,7 @@ from ._checks import as_layout, check_block_size
 from .functional import block_sparse_matmul
 from .layout import BlockLayout
 
-__all__ = ["BlockSparseLinear", "BlocksparseMatMul", "blocks_to_dense", "dense_to_blocks"]
+__all__ = ["BlockSparseLinear", "BlocksparseMatMul", "BlockStorage", "blocks_to_dense", "dense_to_blocks"]
 
 
 def blocks_to_dense(w: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
@@ -72,7 +72,43 @@ def resize_weight_for_state(module: nn.Module, state_dict: dict, prefix: str, bl
         module.weight = nn.Parameter(module.weight.new_empty(weight.shape))
 
 
-class BlockSparseLinear(nn.Module):
+class BlockStorage:
+    """Mixin for modules whose ``weight`` is ``(capacity, ...)`` blocks stored in the
+    slots of ``self.layout``: layout swaps, compaction, and the layout carried in
+    ``state_dict`` as extra state (checkpoints load with ``weights_only=True``)."""
+
+    layout: BlockLayout
+    block_size: int
+    weight: nn.Parameter
+
+    def set_layout(self, layout: BlockLayout) -> None:
+        """Swap in a layout of the same shape and capacity (weights stay in their slots)."""
+        layout = as_layout(layout)
+        if layout.shape != self.layout.shape:
+            raise ValueError(f"layout shape {layout.shape} != {self.layout.shape}")
+        if layout.capacity != self.weight.shape[0]:
+            raise ValueError(f"layout capacity {layout.capacity} != weight storage {self.weight.shape[0]}")
+        self.layout = layout
+
+    def compact(self):
+        """Shrink weight storage to the live blocks (a new Parameter: rebuild optimizers)."""
+        slots = self.layout.index_tensor("entry_slots", self.weight.device)
+        self.weight = nn.Parameter(self.weight.detach()[slots].clone())
+        self.layout = self.layout.compacted()
+        return self
+
+    def get_extra_state(self):
+        return layout_extra_state(self.layout, self.block_size)
+
+    def set_extra_state(self, state):
+        self.layout = layout_from_extra_state(state, self.layout, self.block_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        resize_weight_for_state(self, state_dict, prefix, tuple(self.weight.shape[1:]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class BlockSparseLinear(BlockStorage, nn.Module):
     """``y = x @ W + bias`` with W block-sparse: only the layout's blocks are stored and computed.
 
     Args:
@@ -130,23 +166,6 @@ class BlockSparseLinear(nn.Module):
         y = block_sparse_matmul(x, self.weight, self.layout, self.block_size)
         return y if self.bias is None else y + self.bias
 
-    # ------------------------------------------------------------------ layout
-    def set_layout(self, layout: BlockLayout) -> None:
-        """Swap in a layout of the same shape and capacity (weights stay in their slots)."""
-        layout = as_layout(layout)
-        if layout.shape != self.layout.shape:
-            raise ValueError(f"layout shape {layout.shape} != {self.layout.shape}")
-        if layout.capacity != self.weight.shape[0]:
-            raise ValueError(f"layout capacity {layout.capacity} != weight storage {self.weight.shape[0]}")
-        self.layout = layout
-
-    def compact(self) -> "BlockSparseLinear":
-        """Shrink weight storage to the live blocks (a new Parameter: rebuild optimizers)."""
-        slots = self.layout.index_tensor("entry_slots", self.weight.device)
-        self.weight = nn.Parameter(self.weight.detach()[slots].clone())
-        self.layout = self.layout.compacted()
-        return self
-
     def to_dense(self) -> torch.Tensor:
         """The dense ``(in_features, out_features)`` matrix W, with ``y = x @ W + bias``."""
         return blocks_to_dense(self.weight, self.layout, self.block_size)
@@ -168,17 +187,6 @@ class BlockSparseLinear(nn.Module):
             if linear.bias is not None:
                 module.bias.copy_(linear.bias)
         return module
-
-    # ------------------------------------------------------------ state dict
-    def get_extra_state(self):
-        return layout_extra_state(self.layout, self.block_size)
-
-    def set_extra_state(self, state):
-        self.layout = layout_from_extra_state(state, self.layout, self.block_size)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        resize_weight_for_state(self, state_dict, prefix, (self.block_size, self.block_size))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

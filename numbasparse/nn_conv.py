@@ -10,16 +10,11 @@ import torch
 from torch import nn
 
 from . import layouts
-from ._checks import SUPPORTED_BLOCK_SIZES, as_layout
+from ._checks import as_layout, check_block_size
 from .conv import block_sparse_conv2d, conv_blocks_from_dense, conv_geometry, dense_conv_weight
-from .layout import BlockLayout
+from .nn import BlockStorage
 
 __all__ = ["BlockSparseConv2d"]
-
-
-def _check_block_size(block_size):
-    if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
 
 
 def _kernel_pair(kernel_size):
@@ -37,7 +32,7 @@ def _as_pair_or_str(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-class BlockSparseConv2d(nn.Module):
+class BlockSparseConv2d(BlockStorage, nn.Module):
     """``y = conv2d(x, W) + bias`` with W block-sparse over channels: only the layout's
     ``B x B`` channel blocks are stored and computed (at every tap of the kernel).
 
@@ -64,7 +59,7 @@ class BlockSparseConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, layout, block_size: int = 16,
                  stride=1, padding=0, dilation=1, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        _check_block_size(block_size)
+        block_size = check_block_size(block_size)
         layout = as_layout(layout)
         if in_channels != layout.in_blocks * block_size:
             raise ValueError(f"in_channels={in_channels} does not match the layout: {layout.in_blocks} "
@@ -108,23 +103,6 @@ class BlockSparseConv2d(nn.Module):
                                 self.dilation)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
-    # ------------------------------------------------------------------ layout
-    def set_layout(self, layout: BlockLayout) -> None:
-        """Swap in a layout of the same shape and capacity (weights stay in their slots)."""
-        layout = as_layout(layout)
-        if layout.shape != self.layout.shape:
-            raise ValueError(f"layout shape {layout.shape} != {self.layout.shape}")
-        if layout.capacity != self.weight.shape[0]:
-            raise ValueError(f"layout capacity {layout.capacity} != weight storage {self.weight.shape[0]}")
-        self.layout = layout
-
-    def compact(self) -> "BlockSparseConv2d":
-        """Shrink weight storage to the live blocks (a new Parameter: rebuild optimizers)."""
-        slots = self.layout.index_tensor("entry_slots", self.weight.device)
-        self.weight = nn.Parameter(self.weight.detach()[slots].clone())
-        self.layout = self.layout.compacted()
-        return self
-
     def to_dense(self) -> torch.Tensor:
         """The dense ``(out_channels, in_channels, kh, kw)`` weight, shaped like
         ``nn.Conv2d.weight`` (zeros outside the layout); differentiable."""
@@ -142,7 +120,7 @@ class BlockSparseConv2d(nn.Module):
             raise ValueError(f"from_dense needs groups=1, got groups={conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"from_dense needs padding_mode='zeros', got {conv.padding_mode!r}")
-        _check_block_size(block_size)
+        block_size = check_block_size(block_size)
         for name, size in (("in_channels", conv.in_channels), ("out_channels", conv.out_channels)):
             if size % block_size:
                 raise ValueError(f"{name}={size} is not a multiple of block_size {block_size}")
@@ -158,29 +136,6 @@ class BlockSparseConv2d(nn.Module):
             if conv.bias is not None:
                 module.bias.copy_(conv.bias)
         return module
-
-    # ------------------------------------------------------------ state dict
-    def get_extra_state(self):
-        return {"layout": self.layout.state(), "block_size": self.block_size}
-
-    def set_extra_state(self, state):
-        if state["block_size"] != self.block_size:
-            raise ValueError(f"state has block_size {state['block_size']}, module has {self.block_size}")
-        layout = BlockLayout.from_state(state["layout"])
-        if layout.shape != self.layout.shape:
-            raise ValueError(f"state layout shape {layout.shape} does not fit module layout {self.layout.shape}")
-        self.layout = layout
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Storage may differ in capacity (e.g. after compact()): size the Parameter to
-        # the incoming layout before the copy so that load_state_dict round-trips.
-        extra = state_dict.get(prefix + "_extra_state")
-        weight = state_dict.get(prefix + "weight")
-        if extra is not None and weight is not None and weight.shape != self.weight.shape:
-            capacity = extra["layout"]["capacity"]
-            if tuple(weight.shape) == (capacity, *self.weight.shape[1:]):
-                self.weight = nn.Parameter(self.weight.new_empty(weight.shape))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .. import layouts
 from ..conv import _conv_backward_data, _conv_backward_weight, _conv_forward, conv_geometry
 from ..nn_conv import BlockSparseConv2d
+from .matmul import training_step
 from .timing import interleaved_ms
 
 __all__ = ["conv_rows"]
@@ -43,18 +44,11 @@ def _dense_cases(x, dy, weight, mask=None):
 def _ours(x, dy, layer):
     layout, bs, w = layer.layout, layer.block_size, layer.weight.detach()
     geometry = conv_geometry(tuple(x.shape[2:]), layer.kernel_size, layer.stride, layer.padding, layer.dilation)
-    xg = x.detach().clone().requires_grad_()
-
-    def step():
-        xg.grad = None
-        layer.weight.grad = None
-        layer(xg).backward(dy)
-
     return {
         "conv fwd": lambda: _conv_forward(x, w, layout, bs, geometry),
         "conv bwd-data": lambda: _conv_backward_data(dy, w, layout, bs, geometry, tuple(x.shape[2:])),
         "conv bwd-weight": lambda: _conv_backward_weight(x, dy, tuple(w.shape), layout, bs, geometry),
-        "conv train step": step,
+        "conv train step": training_step(layer, x, dy),
     }
 
 

@@ -61,8 +61,8 @@ def _bsr_cases(x, dy, masked_weight, block):
     }
 
 
-def _ours(x, dy, layer):
-    layout, bs, w = layer.layout, layer.block_size, layer.weight.detach()
+def training_step(layer, x, dy):
+    """A closure running ``layer`` forward and backward (gradients for x and weight)."""
     xg = x.detach().clone().requires_grad_()
 
     def step():
@@ -70,11 +70,16 @@ def _ours(x, dy, layer):
         layer.weight.grad = None
         layer(xg).backward(dy)
 
+    return step
+
+
+def _ours(x, dy, layer):
+    layout, bs, w = layer.layout, layer.block_size, layer.weight.detach()
     return {
         "fwd": lambda: backend.forward(x, w, layout, bs),
         "bwd-data": lambda: backend.backward_data(dy, w, layout, bs),
         "bwd-weight": lambda: backend.backward_weight(x, dy, layout, bs),
-        "train step": step,
+        "train step": training_step(layer, x, dy),
     }
 
 
