@@ -47,3 +47,11 @@ def test_cli_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["info"]["threads"] >= 1
     assert {r["impl"] for r in result["rows"]} == {"numbasparse", "dense torch"}
+
+
+def test_microkernel_ceiling_is_timed():
+    from numbasparse.bench.microkernel import format_microkernel, microkernel_gflops
+
+    result = microkernel_gflops(lengths=(64, 96), seconds=0.01)
+    assert set(result) == {64, 96} and all(g > 0 for g in result.values())
+    assert "GFLOP/s" in format_microkernel(result)

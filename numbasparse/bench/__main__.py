@@ -38,6 +38,15 @@ def _plot(rows, path):
     print(f"plot saved to {path}")
 
 
+def _dense_gflops_one_thread(hidden):
+    import torch
+
+    from .timing import median_ms
+
+    x, w = torch.randn(256, hidden), torch.randn(hidden, hidden)
+    return 2.0 * 256 * hidden * hidden / (median_ms(lambda: x @ w, repeats=5) * 1e6)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m numbasparse.bench", description=__doc__)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -51,6 +60,8 @@ def main(argv=None):
     p.add_argument("--no-conv", action="store_true", help="skip the convolution rows")
     p.add_argument("--no-peers", action="store_true", help="time only numbasparse and dense torch")
     p.add_argument("--compile", action="store_true", help="also report JIT compile times (cold and warm cache)")
+    p.add_argument("--microkernel", action="store_true",
+                   help="also time the CPU micro-kernel alone (the kernels' ceiling on one core)")
     p.add_argument("--json", metavar="PATH", help="write rows and machine info as JSON")
     p.add_argument("--plot", metavar="PATH", help="save speedup-vs-density plots (needs matplotlib)")
     args = p.parse_args(argv)
@@ -77,6 +88,17 @@ def main(argv=None):
         result["compile"] = compile_times()
         print()
         print(format_compile(result["compile"]))
+    if args.microkernel:
+        import torch
+
+        from .microkernel import format_microkernel, microkernel_gflops
+
+        torch.set_num_threads(1)
+        dense_one_thread = _dense_gflops_one_thread(args.hidden)
+        result["microkernel"] = {"gflops_by_length": microkernel_gflops(), "dense_torch_1_thread_gflops": dense_one_thread}
+        print()
+        print(format_microkernel(result["microkernel"]["gflops_by_length"]))
+        print(f"dense torch, 1 thread, {args.hidden} x {args.hidden} @ batch 256: {dense_one_thread:.1f} GFLOP/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
