@@ -3,7 +3,8 @@
 ``numba.cuda`` kernels for NVIDIA GPUs and ``numba.njit`` kernels for CPUs, bridged
 into PyTorch without copies, with autograd and ``torch.nn`` modules.
 """
-from . import functional, layouts
+from .kernels import cpu as _cpu_code_generator  # noqa: F401  (configures numba before any compile)
+from . import functional, layouts  # noqa: E402
 from .functional import block_sparse_conv2d, block_sparse_matmul
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, BlocksparseMatMul
