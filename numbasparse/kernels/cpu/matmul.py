@@ -104,15 +104,13 @@ def _group_tile(a, n0, rows, ptr, other, packed, group, bs, a_panel, tile, out):
 
 
 @njit(parallel=True, cache=True)
-def _grouped(a, w, ptr, other, slots, bs, transpose_w, workers, packed, scratch, out):
+def _grouped(a, w, ptr, other, slots, bs, transpose_w, workers, longest, packed, scratch, out):
+    """Forward/data: ``longest`` is the widest group's panel length (max m_g * bs)."""
     _pack_weights(w, ptr, slots, bs, transpose_w, packed)
     n = a.shape[0]
     groups = ptr.shape[0] - 1
     row_tiles = (n + ROW_TILE - 1) // ROW_TILE
     tasks = groups * row_tiles
-    longest = 1
-    for g in range(groups):
-        longest = max(longest, (ptr[g + 1] - ptr[g]) * bs)
     # One worker per thread, each with its own scratch panel and a contiguous run of
     # tasks in group-major order, so consecutive tasks reuse a weight panel from L2.
     for worker in prange(workers):
@@ -135,7 +133,7 @@ def _run_grouped(a, w, ptr, other, slots, block_size, transpose_w, out):
     packed = _scratch("packed", int(ptr[-1]) * block_size * block_size, a.dtype)
     scratch = _scratch("panels", workers * ROW_TILE * (longest + block_size), a.dtype)
     with dynamic_schedule():
-        _grouped(a, w, ptr, other, slots, block_size, transpose_w, workers, packed, scratch, out)
+        _grouped(a, w, ptr, other, slots, block_size, transpose_w, workers, longest, packed, scratch, out)
 
 
 _local = threading.local()
