@@ -70,8 +70,12 @@ def worker(rank, port, seed, path):
         if rank == 0:
             torch.save({"ranks": everyone, "state": model.state_dict(),
                         "history": [r.as_dict() for r in ctrl.history]}, path)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: a process-group thread still joinable
+    # at exit makes the C++ runtime abort (SIGABRT) after all the work is done.
+    os._exit(0)
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):
