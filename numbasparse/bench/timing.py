@@ -12,18 +12,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device: str = "cpu", repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
+def median_ms(fn, device: str = "cpu", repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``repeats`` runs after ``warmup`` runs.
 
-    On CUDA every run is bracketed by CUDA events.  ``min_time`` (seconds) adds
-    repeats until that much time has been measured, so fast cases get more samples.
+    On CUDA every run is bracketed by CUDA events.
     """
     for _ in range(warmup):
         fn()
     synchronize(device)
     samples = []
-    spent = 0.0
-    while len(samples) < repeats or spent < min_time:
+    for _ in range(repeats):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -36,9 +34,6 @@ def median_ms(fn, device: str = "cpu", repeats: int = 5, warmup: int = 1, min_ti
             fn()
             ms = (time.perf_counter() - t0) * 1e3
         samples.append(ms)
-        spent += ms / 1e3
-        if len(samples) >= 50 * max(repeats, 1):
-            break
     return statistics.median(samples)
 
 
