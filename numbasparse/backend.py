@@ -1,7 +1,8 @@
 """Backend: picks a kernel set from a tensor's device and hands torch tensors to it
 without copies.
 
-* CPU tensors reach the numba.njit kernels as numpy views (``Tensor.numpy()``).
+* CPU tensors reach the CPU matmul programs as addresses (``Tensor.data_ptr()``: no
+  copy, no numpy view) and the CPU conv kernels as numpy views (``Tensor.numpy()``).
 * CUDA tensors reach the numba.cuda kernels through the CUDA array interface
   (``cuda.as_cuda_array(t, sync=False)``: no copy, no host synchronization) and the
   kernels are launched on torch's current CUDA stream of the tensor's device.
@@ -19,11 +20,13 @@ import importlib
 
 import torch
 
+from .kernels.cpu import matmul as cpu_matmul
 from .layout import BlockLayout
 
-__all__ = ["forward", "backward_data", "backward_weight", "simulate_cuda", "cuda_usable"]
+__all__ = ["forward", "backward", "backward_data", "backward_weight", "simulate_cuda", "cuda_usable"]
 
 _simulating = False
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 
 @contextlib.contextmanager
@@ -110,10 +113,18 @@ class _Launch:
         return [getattr(layout, n) for n in names]
 
 
+def _on_cpu_kernels(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and not _simulating
+
+
 def forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
     """y (N, out_blocks*B) = x (N, in_blocks*B) @ W."""
-    kernels, target = _kernels("matmul", x.device)
     y = torch.empty((x.shape[0], layout.out_blocks * block_size), dtype=x.dtype, device=x.device)
+    if _on_cpu_kernels(x):
+        cpu_matmul.run_forward(x, w, layout.col_ptr, layout.col_rows, layout.col_slots, block_size, y,
+                               _DTYPE_NAMES[x.dtype])
+        return y
+    kernels, target = _kernels("matmul", x.device)
     with _Launch(target, x.device) as launch:
         kernels.forward(launch.array(x), launch.array(w),
                         *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
@@ -121,26 +132,43 @@ def forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: i
     return y
 
 
+def backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int,
+             need_dx: bool = True, need_dw: bool = True):
+    """``(dx, dw)``: dx (N, in_blocks*B) = dy @ W^T and dw (capacity, B, B) = x^T dy at
+    the live blocks (zeros in free slots); ``None`` for a gradient not asked for.  On
+    the CPU both come from one kernel launch that packs dy once."""
+    dx = torch.empty((dy.shape[0], layout.in_blocks * block_size), dtype=dy.dtype, device=dy.device) \
+        if need_dx else None
+    dw = torch.zeros((layout.capacity, block_size, block_size), dtype=dy.dtype, device=dy.device) \
+        if need_dw else None
+    if not (need_dx or need_dw):
+        return dx, dw
+    if _on_cpu_kernels(dy):
+        cpu_matmul.run_backward(x, dy, w, (layout.row_ptr, layout.row_cols, layout.row_slots),
+                                (layout.entry_rows, layout.entry_cols, layout.entry_slots), block_size,
+                                dx, dw, _DTYPE_NAMES[dy.dtype])
+        return dx, dw
+    kernels, target = _kernels("matmul", dy.device)
+    with _Launch(target, dy.device) as launch:
+        if need_dx:
+            kernels.backward_data(launch.array(dy), launch.array(w),
+                                  *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
+                                  block_size, launch.array(dx), **_stream_kw(target, launch))
+        if need_dw:
+            kernels.backward_weight(launch.array(x), launch.array(dy),
+                                    *launch.tables(layout, "entry_rows", "entry_cols", "entry_slots"),
+                                    block_size, launch.array(dw), **_stream_kw(target, launch))
+    return dx, dw
+
+
 def backward_data(dy: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
     """dx (N, in_blocks*B) = dy (N, out_blocks*B) @ W^T."""
-    kernels, target = _kernels("matmul", dy.device)
-    dx = torch.empty((dy.shape[0], layout.in_blocks * block_size), dtype=dy.dtype, device=dy.device)
-    with _Launch(target, dy.device) as launch:
-        kernels.backward_data(launch.array(dy), launch.array(w),
-                              *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
-                              block_size, launch.array(dx), **_stream_kw(target, launch))
-    return dx
+    return backward(dy, None, w, layout, block_size, need_dw=False)[0]
 
 
 def backward_weight(x: torch.Tensor, dy: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
     """dw (capacity, B, B): x^T dy at the live blocks, zeros in free slots."""
-    kernels, target = _kernels("matmul", x.device)
-    dw = torch.zeros((layout.capacity, block_size, block_size), dtype=x.dtype, device=x.device)
-    with _Launch(target, x.device) as launch:
-        kernels.backward_weight(launch.array(x), launch.array(dy),
-                                *launch.tables(layout, "entry_rows", "entry_cols", "entry_slots"),
-                                block_size, launch.array(dw), **_stream_kw(target, launch))
-    return dw
+    return backward(dy, x, None, layout, block_size, need_dx=False)[1]
 
 
 def _stream_kw(target, launch):

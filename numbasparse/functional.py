@@ -26,12 +26,8 @@ class _BlockSparseMatMul(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x2d, w = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = backend.backward_data(dy, w, ctx.layout, ctx.block_size)
-        if ctx.needs_input_grad[1]:
-            dw = backend.backward_weight(x2d, dy, ctx.layout, ctx.block_size)
+        dx, dw = backend.backward(dy.contiguous(), x2d, w, ctx.layout, ctx.block_size,
+                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dx, dw, None, None
 
 

@@ -1,30 +1,36 @@
-"""numba.njit(parallel=True) kernels for CPUs.
+"""numba.njit kernels for CPUs.
 
 On AVX-512 CPUs LLVM emits 256-bit vectors unless told otherwise, which halves the
-arithmetic rate of the kernels' inner loops.  Before the first numba compilation in
-the process we therefore ask numba's code generator for full-width vectors (the
-host's own feature list plus ``-prefer-256-bit``).  This applies process-wide, only
-when no compilation has happened yet, and never overrides ``NUMBA_CPU_FEATURES``;
-set ``NUMBASPARSE_VECTOR_WIDTH=256`` to keep LLVM's default.
+arithmetic rate of auto-vectorized loops.  Before the first numba compilation in the
+process we therefore ask numba's code generator for full-width vectors (the host's
+own feature list plus ``-prefer-256-bit``).  This applies process-wide, only when no
+compilation has happened yet, and never overrides ``NUMBA_CPU_FEATURES``.
+``VECTOR_BYTES`` is the width of the explicit SIMD vectors the kernels use: 64 on
+AVX-512 hosts, else 32.  Set ``NUMBASPARSE_VECTOR_WIDTH=256`` to keep both at 256 bits.
 """
 import os
 
 
-def _prefer_full_width_vectors() -> None:
-    if os.environ.get("NUMBASPARSE_VECTOR_WIDTH") == "256" or os.environ.get("NUMBA_CPU_FEATURES"):
-        return
-    from numba.core import config
-
-    if config.CPU_FEATURES:
-        return
+def _host_features() -> set:
     try:
         import llvmlite.binding as llvm
 
-        features = llvm.get_host_cpu_features().flatten()
-    except Exception:  # unknown host: keep numba's defaults
-        return
-    if "+avx512f" in features.split(","):
-        config.CPU_FEATURES = features + ",-prefer-256-bit"
+        return set(llvm.get_host_cpu_features().flatten().split(","))
+    except Exception:  # unknown host: assume nothing
+        return set()
 
 
-_prefer_full_width_vectors()
+def _configure() -> int:
+    if os.environ.get("NUMBASPARSE_VECTOR_WIDTH") == "256":
+        return 32
+    features = _host_features()
+    if "+avx512f" not in features:
+        return 32
+    from numba.core import config
+
+    if not os.environ.get("NUMBA_CPU_FEATURES") and not config.CPU_FEATURES:
+        config.CPU_FEATURES = ",".join(sorted(features)) + ",-prefer-256-bit"
+    return 64
+
+
+VECTOR_BYTES = _configure()

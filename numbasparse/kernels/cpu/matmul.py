@@ -1,203 +1,219 @@
-"""Block-sparse matmul kernels for CPUs (numba.njit, parallel).
+"""Block-sparse matmul on CPUs: host functions around the programs of
+:mod:`.matmul_programs`.
 
-Shapes: ``x (N, C)``, ``dy``/``y (N, K)``, ``w (capacity, B, B)`` with ``C = in_blocks*B``
-and ``K = out_blocks*B``; block ``w[s]`` of live entry ``(i, j)`` maps
-``x[:, iB:(i+1)B]`` into ``y[:, jB:(j+1)B]``.  All arrays C-contiguous, same dtype.
+Shapes: ``x (N, C)``, ``dy``/``y (N, K)``, ``w (capacity, B, B)`` with
+``C = in_blocks*B`` and ``K = out_blocks*B``; block ``w[s]`` of live entry ``(i, j)``
+maps ``x[:, iB:(i+1)B]`` into ``y[:, jB:(j+1)B]``.  All arrays C-contiguous and of one
+dtype (float32 or float64); index tables int32.
 
-Design (the same for the three kernels): every output element is a dot product
-over a *reduction panel*.  The kernel packs both operands of the dot products into
-contiguous panels (rows = outputs, columns = reduction index) and runs a 4x4
-register-blocked micro-kernel over them: 16 accumulators, each a SIMD register after
-LLVM vectorizes the reduction loop, 8 loads per 16 FMAs.
-
-* forward:  y[n, jB+c]  = sum over live i of  x[n, iB:(i+1)B] . w[s][:, c]
-            panel rows: x rows of the tile (live blocks of column j side by side) and
-            the columns c of w[s] (packed transposed).
-* data:     dx[n, iB+k] = sum over live j of dy[n, jB:(j+1)B] . w[s][k, :]
-* weight:   dw[s][k, c] = x[:, iB+k] . dy[:, jB+c]   (x and dy transposed once).
-
-Threading: forward/data run a few prange workers per thread (handed out
-dynamically), each with its own scratch panel and a contiguous run of tasks (a block
-column and a tile of rows); the weight gradient runs a prange over live blocks.
-Every task owns its outputs, so there are no atomics and the result does not depend
-on the thread count.
+The public functions take numpy arrays and check everything (shapes, dtypes, table
+ranges) before a kernel runs: a bad argument raises, it never reaches compiled code.
+:mod:`numbasparse.backend` calls the unchecked ``run_*`` functions with torch tensors
+and the tables of a :class:`~numbasparse.layout.BlockLayout` (valid by construction).
 """
+from __future__ import annotations
+
 import threading
 
 import numpy as np
-from numba import njit, prange, uint64
 
-from .microkernel import FASTMATH as _FASTMATH
-from .microkernel import dot4x4 as _dot4x4
-from .scheduling import dynamic_schedule, max_workers
+from . import runtime
+from .args import make_block
+from .matmul_programs import DIRECT_ROWS, MAX_CHUNK, backward_program, forward_program, row_multiple
 
-ROW_TILE = 64      # rows of x per forward/data task
-K_CHUNK = 1024     # reduction chunk of forward/data (4 panel rows stay in L1)
-N_CHUNK = 64       # reduction chunk of the weight gradient (a block's panels stay in L1)
+__all__ = ["forward", "backward_data", "backward_weight", "BLOCK_SIZES"]
 
+BLOCK_SIZES = (8, 16, 32)
+_DTYPES = ("float32", "float64")
+_EMPTY_I32 = np.zeros(0, dtype=np.int32)
 
-@njit(parallel=True, cache=True)
-def _pack_weights(w, ptr, slots, bs, transpose_w, packed):
-    """Lay the weights of every group out as one contiguous panel, once per call.
-
-    Group g (an output block column for forward, an input block row for data) owns
-    ``packed[ptr[g]*bs*bs : ptr[g+1]*bs*bs]`` viewed as a C-contiguous
-    ``(bs, m_g*bs)`` panel: row ``c`` is the reduction vector of the group's output
-    column ``c``, its live blocks side by side (``w[s][:, c]`` for forward,
-    ``w[s][c, :]`` for data).  Each block is transposed while it sits in L1.
-    """
-    groups = ptr.shape[0] - 1
-    for g in prange(groups):
-        m = ptr[g + 1] - ptr[g]
-        panel = packed[ptr[g] * bs * bs: ptr[g + 1] * bs * bs].reshape((bs, m * bs))
-        for q in range(m):
-            block = w[slots[ptr[g] + q]]
-            if transpose_w:
-                for c in range(bs):
-                    for t in range(bs):
-                        panel[c, q * bs + t] = block[t, c]
-            else:
-                for c in range(bs):
-                    for t in range(bs):
-                        panel[c, q * bs + t] = block[c, t]
-
-
-@njit(fastmath=_FASTMATH, cache=True)
-def _group_tile(a, n0, rows, ptr, other, packed, group, bs, a_panel, tile, out):
-    """One forward/data task: ``out[n0:n0+rows, group*bs:(group+1)*bs]``.
-
-    ``a`` is x (forward) or dy (data); the group's live blocks are
-    ``other[ptr[group]:ptr[group+1]]``; its weight panel is in ``packed``.  The rows
-    of ``a`` are gathered into ``a_panel`` (the worker's scratch; rows past ``rows``
-    hold stale values whose results are discarded), then 4x4 output tiles are
-    reduced over the panels in chunks of K_CHUNK columns.
-    """
-    start = ptr[group]
-    m = ptr[group + 1] - start
-    col0 = group * bs
-    if m == 0:
-        for r in range(rows):
-            for c in range(bs):
-                out[n0 + r, col0 + c] = 0
-        return
-    length = m * bs
-    padded = (rows + 3) // 4 * 4
-    w_panel = packed[start * bs * bs: (start + m) * bs * bs].reshape((bs, length))
-    ubs = uint64(bs)
-    for r in range(rows):
-        src = a[n0 + r]
-        dst = a_panel[r]
-        for q in range(m):
-            # unsigned offsets: no negative-index checks, so the copy vectorizes
-            s0 = uint64(other[start + q]) * ubs
-            d0 = uint64(q) * ubs
-            for t in range(ubs):
-                dst[d0 + t] = src[s0 + t]
-    for k0 in range(0, length, K_CHUNK):
-        chunk = min(length, k0 + K_CHUNK) - k0
-        for r in range(0, padded, 4):
-            for c in range(0, bs, 4):
-                _dot4x4(a_panel, r, k0, w_panel, c, k0, chunk, tile, r, c, k0 > 0)
-    for r in range(rows):
-        for c in range(bs):
-            out[n0 + r, col0 + c] = tile[r, c]
-
-
-@njit(parallel=True, cache=True)
-def _grouped(a, w, ptr, other, slots, bs, transpose_w, workers, longest, packed, scratch, out):
-    """Forward/data: ``longest`` is the widest group's panel length (max m_g * bs)."""
-    _pack_weights(w, ptr, slots, bs, transpose_w, packed)
-    n = a.shape[0]
-    groups = ptr.shape[0] - 1
-    row_tiles = (n + ROW_TILE - 1) // ROW_TILE
-    tasks = groups * row_tiles
-    # One worker per thread, each with its own scratch panel and a contiguous run of
-    # tasks in group-major order, so consecutive tasks reuse a weight panel from L2.
-    for worker in prange(workers):
-        base = worker * (ROW_TILE * longest + ROW_TILE * bs)
-        a_panel = scratch[base: base + ROW_TILE * longest].reshape((ROW_TILE, longest))
-        tile = scratch[base + ROW_TILE * longest: base + ROW_TILE * (longest + bs)].reshape((ROW_TILE, bs))
-        for task in range(worker * tasks // workers, (worker + 1) * tasks // workers):
-            group = task // row_tiles
-            n0 = (task % row_tiles) * ROW_TILE
-            rows = min(n, n0 + ROW_TILE) - n0
-            _group_tile(a, n0, rows, ptr, other, packed, group, bs, a_panel, tile, out)
-
-
-def _run_grouped(a, w, ptr, other, slots, block_size, transpose_w, out):
-    ptr = np.asarray(ptr)
-    groups = ptr.shape[0] - 1
-    tasks = groups * -(-a.shape[0] // ROW_TILE)
-    workers = max(1, min(max_workers(), tasks))
-    longest = max(int(np.diff(ptr).max(initial=0)) * block_size, 1)
-    packed = _scratch("packed", int(ptr[-1]) * block_size * block_size, a.dtype)
-    scratch = _scratch("panels", workers * ROW_TILE * (longest + block_size), a.dtype)
-    with dynamic_schedule():
-        _grouped(a, w, ptr, other, slots, block_size, transpose_w, workers, longest, packed, scratch, out)
-
-
+# ------------------------------------------------------------------ scratch
 _local = threading.local()
 
 
-def _scratch(name, size, dtype):
+def scratch(name: str, size: int, dtype_name: str) -> np.ndarray:
     """A reusable 1-D scratch array of at least ``size`` elements, per Python thread
     (fresh pages on every call would cost a page fault per 4 KiB)."""
     buffers = _local.__dict__.setdefault("buffers", {})
-    key = (name, np.dtype(dtype).str)
+    key = (name, dtype_name)
     buf = buffers.get(key)
     if buf is None or buf.size < size:
-        buf = np.empty(max(size, 1), dtype=dtype)
+        buf = np.empty(max(int(size), 1), dtype=dtype_name)
         buffers[key] = buf
     return buf
 
 
-def forward(x, w, col_ptr, col_rows, col_slots, block_size, y):
-    """y (N, K) = x (N, C) @ W; every element of y is written."""
-    if x.shape[0] == 0:
+def chunking(n_rows: int, dtype_name: str) -> tuple:
+    """``(rows per chunk, chunks)``: chunks of at most MAX_CHUNK rows, as equal as the
+    tile height allows."""
+    multiple = row_multiple(dtype_name)
+    n_chunks = -(-n_rows // MAX_CHUNK)
+    per_chunk = -(-n_rows // n_chunks)
+    return -(-per_chunk // multiple) * multiple, n_chunks
+
+
+# --------------------------------------------------------- unchecked launches
+def run_forward(x, w, col_ptr, col_rows, col_slots, B, y, dtype_name):
+    """``y = x @ W``; x, w, y numpy arrays or torch CPU tensors (C-contiguous)."""
+    n, c = x.shape
+    k = y.shape[1]
+    if n == 0 or k == 0:
         return
-    _run_grouped(x, w, col_ptr, col_rows, col_slots, block_size, True, y)
+    threads = runtime.threads_for(2.0 * n * col_rows.shape[0] * B * B)
+    if n >= DIRECT_ROWS:
+        ncp, n_chunks = chunking(n, dtype_name)
+        xp = scratch("xp", n_chunks * ncp * c, dtype_name)
+        tiles = scratch("tiles", threads * ncp * B, dtype_name)
+        program = forward_program(dtype_name, B, True)
+    else:
+        ncp = n_chunks = 0
+        xp = tiles = scratch("none", 1, dtype_name)
+        program = forward_program(dtype_name, B, False)
+    block = make_block((x, w, col_ptr, col_rows, col_slots, y, xp, tiles), (n, c, k, ncp, n_chunks, threads))
+    runtime.launch(program, block, threads)
+
+
+def run_backward(x, dy, w, row_tables, entry_tables, B, dx, dw, dtype_name):
+    """``dx = dy @ W.T`` (when ``dx`` is not None: needs ``w`` and the by-row tables)
+    and ``dw[s] = x_i.T @ dy_j`` at the live slots (when ``dw`` is not None: needs
+    ``x`` and the entry tables; other slots untouched)."""
+    n, k = dy.shape
+    want_dx, want_dw = dx is not None, dw is not None
+    if n == 0:
+        if want_dw and entry_tables[2].shape[0]:
+            _zero_slots(dw, entry_tables[2])
+        return
+    c = dx.shape[1] if want_dx else x.shape[1]
+    nnz = (row_tables[1].shape[0] if want_dx else 0) + (entry_tables[0].shape[0] if want_dw else 0)
+    none = scratch("none", 1, dtype_name)
+    threads = runtime.threads_for(2.0 * n * nnz * B * B)
+    if n >= DIRECT_ROWS:
+        ncp, n_chunks = chunking(n, dtype_name)
+        xp = scratch("xp", n_chunks * ncp * c, dtype_name) if want_dw else none
+        dyp = scratch("dyp", n_chunks * ncp * k, dtype_name) if want_dw else none
+        dyt = scratch("dyt", n_chunks * ncp * k, dtype_name) if want_dx else none
+        tiles = scratch("tiles", threads * ncp * B, dtype_name) if want_dx else none
+        program = backward_program(dtype_name, B, True)
+    else:
+        ncp = n_chunks = 0
+        xp = dyp = dyt = tiles = none
+        program = backward_program(dtype_name, B, False)
+    row_ptr, row_cols, row_slots = row_tables if want_dx else (_EMPTY_I32,) * 3
+    entry_rows, entry_cols, entry_slots = entry_tables if want_dw else (_EMPTY_I32,) * 3
+    block = make_block((x if want_dw else none, dy, w if want_dx else none, row_ptr, row_cols, row_slots,
+                        entry_rows, entry_cols, entry_slots, dx if want_dx else none, dw if want_dw else none,
+                        xp, dyp, dyt, tiles),
+                       (n, c, k, ncp, n_chunks, threads, int(want_dx), int(want_dw)))
+    runtime.launch(program, block, threads)
+
+
+def _zero_slots(dw, slots):
+    if hasattr(dw, "index_fill_"):
+        import torch
+
+        dw.index_fill_(0, torch.from_numpy(np.asarray(slots, dtype=np.int64)), 0)
+    else:
+        dw[np.asarray(slots)] = 0
+
+
+# ------------------------------------------------------------- checked API
+def forward(x, w, col_ptr, col_rows, col_slots, block_size, y):
+    """y (N, K) = x (N, C) @ W; every element of y is written (numpy arrays)."""
+    B, dtype_name = _check_operands(block_size, {"x": x, "w": w, "y": y})
+    n, c = _matrix("x", x, B)
+    _rows_match("y", y, n)
+    k = _matrix("y", y, B)[1]
+    _check_tables("col", col_ptr, col_rows, col_slots, k // B, c // B, w.shape[0])
+    run_forward(x, w, col_ptr, col_rows, col_slots, B, y, dtype_name)
 
 
 def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx):
-    """dx (N, C) = dy (N, K) @ W^T; every element of dx is written."""
-    if dy.shape[0] == 0:
-        return
-    _run_grouped(dy, w, row_ptr, row_cols, row_slots, block_size, False, dx)
-
-
-@njit(parallel=True, cache=True)
-def _transpose(a, out):
-    rows, cols = a.shape
-    for c0 in prange((cols + 31) // 32):
-        for r in range(rows):
-            for c in range(c0 * 32, min(cols, c0 * 32 + 32)):
-                out[c, r] = a[r, c]
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _weight_grad(xt, dyt, entry_rows, entry_cols, entry_slots, bs, dw):
-    n = xt.shape[1]
-    for e in prange(entry_rows.shape[0]):
-        i = entry_rows[e]
-        j = entry_cols[e]
-        s = entry_slots[e]
-        block = dw[s]
-        for n0 in range(0, n, N_CHUNK):
-            length = min(n, n0 + N_CHUNK) - n0
-            for k in range(0, bs, 4):
-                for c in range(0, bs, 4):
-                    _dot4x4(xt, i * bs + k, n0, dyt, j * bs + c, n0, length, block, k, c, n0 > 0)
+    """dx (N, C) = dy (N, K) @ W^T; every element of dx is written (numpy arrays)."""
+    B, dtype_name = _check_operands(block_size, {"dy": dy, "w": w, "dx": dx})
+    n, k = _matrix("dy", dy, B)
+    _rows_match("dx", dx, n)
+    c = _matrix("dx", dx, B)[1]
+    _check_tables("row", row_ptr, row_cols, row_slots, c // B, k // B, w.shape[0])
+    run_backward(None, dy, w, (row_ptr, row_cols, row_slots), None, B, dx, None, dtype_name)
 
 
 def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw):
     """dw[s] = x[:, iB:(i+1)B]^T @ dy[:, jB:(j+1)B] at live slots; dead slots untouched."""
-    if entry_rows.shape[0] == 0:
-        return
-    if x.shape[0] == 0:
-        dw[np.asarray(entry_slots)] = 0
-        return
-    xt = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)
-    dyt = np.empty((dy.shape[1], dy.shape[0]), dtype=dy.dtype)
-    _transpose(x, xt)
-    _transpose(dy, dyt)
-    _weight_grad(xt, dyt, entry_rows, entry_cols, entry_slots, block_size, dw)
+    B, dtype_name = _check_operands(block_size, {"x": x, "dy": dy, "dw": dw})
+    n, c = _matrix("x", x, B)
+    _rows_match("dy", dy, n)
+    k = _matrix("dy", dy, B)[1]
+    _check_entries(entry_rows, entry_cols, entry_slots, c // B, k // B, dw.shape[0])
+    run_backward(x, dy, None, None, (entry_rows, entry_cols, entry_slots), B, None, dw, dtype_name)
+
+
+# ------------------------------------------------------------------- checks
+def _check_operands(block_size, arrays):
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
+            or int(block_size) not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    B = int(block_size)
+    dtype_name = None
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+        if a.dtype.name not in _DTYPES:
+            raise TypeError(f"{name} has dtype {a.dtype}; supported dtypes are float32 and float64")
+        if dtype_name is None:
+            dtype_name = a.dtype.name
+        elif a.dtype.name != dtype_name:
+            raise TypeError("dtype mismatch: " + ", ".join(f"{n}={v.dtype}" for n, v in arrays.items()))
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+        if name in ("w", "dw"):
+            if a.ndim != 3 or a.shape[1:] != (B, B):
+                raise ValueError(f"{name} must have shape (capacity, {B}, {B}), got {a.shape}")
+        elif a.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (N, features), got shape {a.shape}")
+    for name in ("y", "dx", "dw"):
+        if name in arrays and not arrays[name].flags.writeable:
+            raise ValueError(f"{name} is read-only")
+    return B, dtype_name
+
+
+def _matrix(name, a, B):
+    if a.shape[1] % B:
+        raise ValueError(f"{name} has {a.shape[1]} features, not a multiple of block_size {B}")
+    return a.shape
+
+
+def _rows_match(name, a, n):
+    if a.shape[0] != n:
+        raise ValueError(f"row mismatch: {name} has {a.shape[0]} rows, expected {n}")
+
+
+def _table(name, t, length=None):
+    if not isinstance(t, np.ndarray) or t.dtype != np.int32 or t.ndim != 1 or not t.flags.c_contiguous:
+        raise TypeError(f"{name} must be a contiguous 1-D int32 numpy array")
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{name} has length {t.shape[0]}, expected {length}")
+
+
+def _check_tables(kind, ptr, idx, slots, groups, others, capacity):
+    _table(f"{kind}_ptr", ptr, groups + 1)
+    _table(f"{kind} indices", idx)
+    _table(f"{kind}_slots", slots, idx.shape[0])
+    if ptr[0] != 0 or ptr[-1] != idx.shape[0] or np.any(np.diff(ptr) < 0):
+        raise ValueError(f"{kind}_ptr must rise from 0 to the number of entries ({idx.shape[0]})")
+    _in_range(f"{kind} indices", idx, others, "blocks")
+    _in_range(f"{kind}_slots", slots, capacity, "weight slots")
+
+
+def _check_entries(rows, cols, slots, in_blocks, out_blocks, capacity):
+    _table("entry_rows", rows)
+    _table("entry_cols", cols, rows.shape[0])
+    _table("entry_slots", slots, rows.shape[0])
+    _in_range("entry_rows", rows, in_blocks, "input blocks")
+    _in_range("entry_cols", cols, out_blocks, "output blocks")
+    _in_range("entry_slots", slots, capacity, "weight slots")
+
+
+def _in_range(name, t, bound, what):
+    if t.size and (t.min() < 0 or t.max() >= bound):
+        raise ValueError(f"{name} must lie in [0, {bound}) ({bound} {what}), got values in "
+                         f"[{t.min()}, {t.max()}]")

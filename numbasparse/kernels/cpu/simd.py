@@ -1,0 +1,220 @@
+"""SIMD vectors, atomics and raw pointers for numba.njit code.
+
+numba has no vector types: its loops are vectorized by LLVM or not at all.  The
+kernels need register-resident accumulators and explicit vector loads, so this
+module adds a small set of intrinsics, each a few lines of LLVM IR:
+
+* ``Vector(dtype, lanes)``: an LLVM vector ``<lanes x dtype>`` held in registers.
+* ``vload(a, i, lanes)`` / ``vstore(a, i, v)``: ``a[i:i+lanes]`` of a 1-D
+  C-contiguous array, as one vector load or store;
+* ``vsplat(a, i, lanes)``: ``a[i]`` in every lane (a broadcast load);
+* ``vzero(sample, lanes)``, ``vfma(a, b, c)`` (``a * b + c`` per lane, fused),
+  ``vadd``, ``vsum`` (horizontal sum);
+* ``prefetch(a, i, locality)``: a cache hint for the line holding ``a[i]``;
+* ``fetch_add(a, i, v)``, ``atomic_load(a, i)``: sequentially consistent atomics
+  on an int64 array, for sharing work between threads;
+* ``address_as_voidptr(addr)``: an integer address as a ``void*`` for ``numba.carray``.
+
+``lanes`` must be a compile-time constant (a literal, or a constant propagated into
+an ``inline="always"`` function).  None of these check bounds: callers index inside
+arrays they validated.  Indices are used as given (no negative-index wraparound), so
+the address arithmetic stays simple enough for LLVM to fold into the instructions.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+__all__ = ["Vector", "vload", "vstore", "vsplat", "vzero", "vfma", "vadd", "vsum", "prefetch",
+           "fetch_add", "atomic_load", "address_as_voidptr"]
+
+
+class Vector(types.Type):
+    """A SIMD register of ``lanes`` values of ``dtype`` (a numba scalar type)."""
+
+    def __init__(self, dtype, lanes):
+        self.dtype = dtype
+        self.lanes = lanes
+        super().__init__(name=f"Vector({dtype} x {lanes})")
+
+
+@register_model(Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        element = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.lanes))
+
+
+def _element_pointer(context, builder, array_type, array, index, index_type):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [context.cast(builder, index, index_type, types.intp)])
+
+
+def _lanes(lanes):
+    return lanes.literal_value if isinstance(lanes, types.IntegerLiteral) else None
+
+
+def _splat(builder, scalar, vector_type):
+    i32 = ir.IntType(32)
+    first = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(i32, 0))
+    return builder.shuffle_vector(first, ir.Constant(vector_type, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, vector_type.count), [0] * vector_type.count))
+
+
+@intrinsic
+def vload(typingctx, array, index, lanes):
+    if not isinstance(array, types.Array) or _lanes(lanes) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        vector_type = context.get_value_type(sig.return_type)
+        return builder.load(builder.bitcast(ptr, vector_type.as_pointer()),
+                            align=context.get_abi_sizeof(ptr.type.pointee))
+
+    return Vector(array.dtype, _lanes(lanes))(array, index, lanes), codegen
+
+
+@intrinsic
+def vstore(typingctx, array, index, vector):
+    if not isinstance(array, types.Array) or not isinstance(vector, Vector) or vector.dtype != array.dtype:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        builder.store(args[2], builder.bitcast(ptr, args[2].type.as_pointer()),
+                      align=context.get_abi_sizeof(ptr.type.pointee))
+        return context.get_dummy_value()
+
+    return types.none(array, index, vector), codegen
+
+
+@intrinsic
+def vsplat(typingctx, array, index, lanes):
+    if not isinstance(array, types.Array) or _lanes(lanes) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        return _splat(builder, builder.load(ptr), context.get_value_type(sig.return_type))
+
+    return Vector(array.dtype, _lanes(lanes))(array, index, lanes), codegen
+
+
+@intrinsic
+def vzero(typingctx, sample, lanes):
+    """A zero vector of ``sample``'s type (``sample`` is any scalar of the dtype)."""
+    if not isinstance(sample, (types.Float, types.Integer)) or _lanes(lanes) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(context.get_value_type(sig.return_type), None)
+
+    return Vector(sample, _lanes(lanes))(sample, lanes), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    if not (isinstance(a, Vector) and a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vector_type = args[0].type
+        bits = 64 if isinstance(vector_type.element, ir.DoubleType) else 32
+        name = f"llvm.fma.v{vector_type.count}f{bits}"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type] * 3), name)
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    if not (isinstance(a, Vector) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vsum(typingctx, a):
+    """Horizontal sum of the lanes (a tree of adds; the order is fixed)."""
+    if not isinstance(a, Vector):
+        return None
+
+    def codegen(context, builder, sig, args):
+        value = args[0]
+        count = value.type.count
+        i32 = ir.IntType(32)
+        while count > 1:
+            half = count // 2
+            low = builder.shuffle_vector(value, value, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+            high = builder.shuffle_vector(value, value,
+                                          ir.Constant(ir.VectorType(i32, half), list(range(half, count))))
+            value = builder.fadd(low, high)
+            count = half
+        return builder.extract_element(value, ir.Constant(i32, 0))
+
+    return a.dtype(a), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, index, locality):
+    """Cache hint for the line holding ``array[index]``: locality 3 = L1, 2 = L2, 1 = L3."""
+    if not isinstance(array, types.Array) or _lanes(locality) not in (0, 1, 2, 3):
+        return None
+    level = _lanes(locality)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, level),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(array, index, locality), codegen
+
+
+@intrinsic
+def fetch_add(typingctx, array, index, value):
+    """Atomically ``array[index] += value``; returns the previous value (int64 arrays)."""
+    if not isinstance(array, types.Array) or array.dtype != types.int64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        delta = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, delta, "seq_cst")
+
+    return types.int64(array, index, value), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, array, index):
+    if not isinstance(array, types.Array) or array.dtype != types.int64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        return builder.load_atomic(ptr, "seq_cst", align=8)
+
+    return types.int64(array, index), codegen
+
+
+@intrinsic
+def address_as_voidptr(typingctx, address):
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return types.voidptr(address), codegen
