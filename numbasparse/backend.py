@@ -117,13 +117,15 @@ def _on_cpu_kernels(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not _simulating
 
 
-def forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
-    """y (N, out_blocks*B) = x (N, in_blocks*B) @ W."""
+def forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (N, out_blocks*B) = x (N, in_blocks*B) @ W (+ bias, contiguous (out_blocks*B,))."""
     y = torch.empty((x.shape[0], layout.out_blocks * block_size), dtype=x.dtype, device=x.device)
     if _on_cpu_kernels(x):
-        cpu_matmul.run_forward(x, w, layout.col_ptr, layout.col_rows, layout.col_slots, block_size, y,
-                               _DTYPE_NAMES[x.dtype])
+        cpu_matmul.layout_forward(x, w, layout, block_size, y, _DTYPE_NAMES[x.dtype], x.element_size(), bias)
         return y
+    if bias is not None:
+        return forward(x, w, layout, block_size).add_(bias)
     kernels, target = _kernels("matmul", x.device)
     with _Launch(target, x.device) as launch:
         kernels.forward(launch.array(x), launch.array(w),
@@ -144,9 +146,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, layout: BlockLa
     if not (need_dx or need_dw):
         return dx, dw
     if _on_cpu_kernels(dy):
-        cpu_matmul.run_backward(x, dy, w, (layout.row_ptr, layout.row_cols, layout.row_slots),
-                                (layout.entry_rows, layout.entry_cols, layout.entry_slots), block_size,
-                                dx, dw, _DTYPE_NAMES[dy.dtype])
+        cpu_matmul.layout_backward(x, dy, w, layout, block_size, dx, dw, _DTYPE_NAMES[dy.dtype],
+                                   dy.element_size())
         return dx, dw
     kernels, target = _kernels("matmul", dy.device)
     with _Launch(target, dy.device) as launch:

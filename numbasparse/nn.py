@@ -163,8 +163,7 @@ class BlockSparseLinear(BlockStorage, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
-        y = block_sparse_matmul(x, self.weight, self.layout, self.block_size)
-        return y if self.bias is None else y + self.bias
+        return block_sparse_matmul(x, self.weight, self.layout, self.block_size, self.bias)
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``(in_features, out_features)`` matrix W, with ``y = x @ W + bias``."""

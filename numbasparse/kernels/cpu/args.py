@@ -9,18 +9,22 @@ array argument, then integer scalars::
     block[HEADER + 2 * n_arrays + m]           scalar m
 
 Programs read their arrays back with :func:`array_arg` (a ``numba.carray`` over the
-address: no copy).  The Python side builds blocks with :func:`make_block`; every
-array must stay alive, and C-contiguous, until the program returns.
+address: no copy).  The Python side builds blocks with :func:`make_block` from
+``(address, length)`` pairs (:func:`pair`; cached for layout tables and scratch
+buffers, since asking numpy for an address costs a microsecond); every array must
+stay alive, and C-contiguous, until the program returns.
 """
 from __future__ import annotations
 
-import numpy as np
+import array
+
 from numba import carray, njit
 
 from .simd import address_as_voidptr
 
 HEADER = 4
 NEXT_TASK, JOINED, PACKED = 0, 1, 2
+_HEADER_VALUES = [0] * HEADER
 
 
 @njit(inline="always", cache=True)
@@ -33,18 +37,20 @@ def scalar_arg(block, n_arrays, m):
     return block[HEADER + 2 * n_arrays + m]
 
 
-def address(array) -> int:
-    """Data address of a C-contiguous numpy array or torch tensor."""
-    data_ptr = getattr(array, "data_ptr", None)
+def pair(a) -> tuple:
+    """``(address, number of elements)`` of a C-contiguous numpy array or torch tensor."""
+    data_ptr = getattr(a, "data_ptr", None)
     if data_ptr is not None:
-        return data_ptr()
-    return array.__array_interface__["data"][0]
+        return data_ptr(), a.numel()
+    return a.__array_interface__["data"][0], a.size
 
 
-def make_block(arrays, scalars) -> np.ndarray:
-    values = [0] * HEADER
-    for a in arrays:
-        values.append(address(a))
-        values.append(a.size if isinstance(a, np.ndarray) else a.numel())
+def make_block(pairs, scalars) -> tuple:
+    """``(block, address)``: the block as an ``array.array`` of int64 and its address."""
+    values = _HEADER_VALUES.copy()
+    for address, length in pairs:
+        values.append(address)
+        values.append(length)
     values.extend(scalars)
-    return np.array(values, dtype=np.int64)
+    block = array.array("q", values)
+    return block, block.buffer_info()[0]

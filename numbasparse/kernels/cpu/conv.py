@@ -53,10 +53,13 @@ panels, taking tasks round-robin.  Every output element is written by exactly on
 task, with a fixed summation order (no atomics): results do not depend on the thread
 count.
 """
+import functools
+
 import numpy as np
 from numba import njit, prange, uint64
 
 from .microkernel import FASTMATH as _FASTMATH
+from .notice import compiling as _compiling
 from .microkernel import dot4x4 as _dot4x4
 from .scheduling import dynamic_schedule as _dynamic_schedule
 from .scheduling import max_workers as _max_workers
@@ -307,11 +310,22 @@ def _data_phases(kh, kw, sh, sw, pt, pl, dil_h, dil_w, height, width):
     return phase_h, phase_w, grid_h, grid_w, tap_h, tap_w, count, off_h, off_w
 
 
+def _announce_compile(host):
+    """Announce the first call's compile pause of a conv host function (see .notice)."""
+    @functools.wraps(host)
+    def wrapper(first, *args):
+        with _compiling(("conv", host.__name__, first.dtype.str),
+                        f"CPU block-sparse conv kernels for {first.dtype.name}"):
+            return host(first, *args)
+    return wrapper
+
+
 def _max_live(ptr):
     counts = np.diff(np.asarray(ptr))
     return int(counts.max()) if counts.size else 0
 
 
+@_announce_compile
 def forward(x, w, col_ptr, col_rows, col_slots, block_size, stride, padding, dilation, y):
     """y (N, K, Ho, Wo) = conv2d(x (N, C, H, W), W); every element of y is written.
 
@@ -334,6 +348,7 @@ def forward(x, w, col_ptr, col_rows, col_slots, block_size, stride, padding, dil
                      count, off_h, off_w, stride[0], stride[1], 1, 1, _max_workers(), y)
 
 
+@_announce_compile
 def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, stride, padding, dilation, dx):
     """dx (N, C, H, W) = gradient of the convolution with respect to x, from dy (N, K, Ho, Wo).
 
@@ -436,6 +451,7 @@ def _weight_grad(x, dyt, row_ptr, row_cols, row_slots, out_h, out_w, stride_h, s
                             _dot4x4(panel, k, 0, dyt, j * bs + c, r0 * out_w, length, out, k, c, r0 > 0)
 
 
+@_announce_compile
 def backward_weight(x, dy, row_ptr, row_cols, row_slots, block_size, stride, padding, dilation, dw):
     """dw (capacity, kh, kw, B, B): gradient at the live slots; dead slots untouched.
 

@@ -18,29 +18,41 @@ import threading
 import numpy as np
 
 from . import runtime
-from .args import make_block
+from .args import make_block, pair
 from .matmul_programs import DIRECT_ROWS, MAX_CHUNK, backward_program, forward_program, row_multiple
+from .notice import compiling
 
 __all__ = ["forward", "backward_data", "backward_weight", "BLOCK_SIZES"]
 
 BLOCK_SIZES = (8, 16, 32)
 _DTYPES = ("float32", "float64")
-_EMPTY_I32 = np.zeros(0, dtype=np.int32)
 
 # ------------------------------------------------------------------ scratch
 _local = threading.local()
 
 
-def scratch(name: str, size: int, dtype_name: str) -> np.ndarray:
-    """A reusable 1-D scratch array of at least ``size`` elements, per Python thread
-    (fresh pages on every call would cost a page fault per 4 KiB)."""
+def scratch(name: str, size: int, dtype_name: str) -> tuple:
+    """``(address, length)`` of a reusable 1-D scratch array of at least ``size``
+    elements, per Python thread (fresh pages on every call would cost a page fault
+    per 4 KiB).  The array lives until a larger one replaces it."""
     buffers = _local.__dict__.setdefault("buffers", {})
     key = (name, dtype_name)
-    buf = buffers.get(key)
-    if buf is None or buf.size < size:
+    entry = buffers.get(key)
+    if entry is None or entry[1] < size:
         buf = np.empty(max(int(size), 1), dtype=dtype_name)
-        buffers[key] = buf
-    return buf
+        entry = buffers[key] = (buf.__array_interface__["data"][0], buf.size, buf)
+    return entry[0], entry[1]
+
+
+def table_pairs(layout, names) -> list:
+    """``(address, length)`` of a layout's index tables, cached on the layout (its
+    tables are immutable)."""
+    cache = layout._device_tables
+    key = ("cpu",) + names
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = [pair(getattr(layout, n)) for n in names]
+    return found
 
 
 def chunking(n_rows: int, dtype_name: str) -> tuple:
@@ -52,68 +64,89 @@ def chunking(n_rows: int, dtype_name: str) -> tuple:
     return -(-per_chunk // multiple) * multiple, n_chunks
 
 
+_programs: dict = {}
+
+
+def program(kind: str, dtype_name: str, B: int, packed: bool):
+    """The compiled program (built on first use, announced if that takes a while)."""
+    key = (kind, dtype_name, B, packed)
+    found = _programs.get(key)
+    if found is None:
+        factory = forward_program if kind == "forward" else backward_program
+        with compiling(key, f"CPU block-sparse matmul kernels for {dtype_name}, block size {B}"):
+            found = _programs[key] = factory(dtype_name, B, packed)
+    return found
+
+
 # --------------------------------------------------------- unchecked launches
-def run_forward(x, w, col_ptr, col_rows, col_slots, B, y, dtype_name):
-    """``y = x @ W``; x, w, y numpy arrays or torch CPU tensors (C-contiguous)."""
+_COL_TABLES = ("col_ptr", "col_rows", "col_slots")
+_ROW_TABLES = ("row_ptr", "row_cols", "row_slots")
+_ENTRY_TABLES = ("entry_rows", "entry_cols", "entry_slots")
+_NO_TABLES = [(0, 0)] * 3
+
+
+def run_forward(x, w, tables, nnz, B, y, dtype_name, itemsize, bias=None):
+    """``y = x @ W (+ bias)``.  ``x``, ``w``, ``y``, ``bias``: numpy arrays or torch CPU
+    tensors (C-contiguous); ``tables``: ``(address, length)`` of col_ptr, col_rows,
+    col_slots."""
     n, c = x.shape
     k = y.shape[1]
     if n == 0 or k == 0:
         return
-    threads = runtime.threads_for(2.0 * n * col_rows.shape[0] * B * B)
+    live = nnz * B * B
+    threads = runtime.threads_for(2.0 * n * live, live * itemsize)
+    none = scratch("none", 1, dtype_name)
     if n >= DIRECT_ROWS:
         ncp, n_chunks = chunking(n, dtype_name)
         xp = scratch("xp", n_chunks * ncp * c, dtype_name)
         tiles = scratch("tiles", threads * ncp * B, dtype_name)
-        program = forward_program(dtype_name, B, True)
     else:
         ncp = n_chunks = 0
-        xp = tiles = scratch("none", 1, dtype_name)
-        program = forward_program(dtype_name, B, False)
-    block = make_block((x, w, col_ptr, col_rows, col_slots, y, xp, tiles), (n, c, k, ncp, n_chunks, threads))
-    runtime.launch(program, block, threads)
+        xp = tiles = none
+    block, address = make_block([pair(x), pair(w), *tables, pair(y), xp, tiles,
+                                 none if bias is None else pair(bias)],
+                                (n, c, k, ncp, n_chunks, threads, int(bias is not None)))
+    runtime.launch(program("forward", dtype_name, B, n >= DIRECT_ROWS), address, threads)
 
 
-def run_backward(x, dy, w, row_tables, entry_tables, B, dx, dw, dtype_name):
+def run_backward(x, dy, w, row_tables, entry_tables, nnz, B, dx, dw, dtype_name, itemsize):
     """``dx = dy @ W.T`` (when ``dx`` is not None: needs ``w`` and the by-row tables)
     and ``dw[s] = x_i.T @ dy_j`` at the live slots (when ``dw`` is not None: needs
-    ``x`` and the entry tables; other slots untouched)."""
+    ``x`` and the entry tables; other slots untouched).  Tables as in :func:`run_forward`."""
     n, k = dy.shape
     want_dx, want_dw = dx is not None, dw is not None
     if n == 0:
-        if want_dw and entry_tables[2].shape[0]:
-            _zero_slots(dw, entry_tables[2])
         return
     c = dx.shape[1] if want_dx else x.shape[1]
-    nnz = (row_tables[1].shape[0] if want_dx else 0) + (entry_tables[0].shape[0] if want_dw else 0)
+    live = nnz * B * B * (int(want_dx) + int(want_dw))
+    threads = runtime.threads_for(2.0 * n * live, live * itemsize)
     none = scratch("none", 1, dtype_name)
-    threads = runtime.threads_for(2.0 * n * nnz * B * B)
     if n >= DIRECT_ROWS:
         ncp, n_chunks = chunking(n, dtype_name)
         xp = scratch("xp", n_chunks * ncp * c, dtype_name) if want_dw else none
         dyp = scratch("dyp", n_chunks * ncp * k, dtype_name) if want_dw else none
         dyt = scratch("dyt", n_chunks * ncp * k, dtype_name) if want_dx else none
         tiles = scratch("tiles", threads * ncp * B, dtype_name) if want_dx else none
-        program = backward_program(dtype_name, B, True)
     else:
         ncp = n_chunks = 0
         xp = dyp = dyt = tiles = none
-        program = backward_program(dtype_name, B, False)
-    row_ptr, row_cols, row_slots = row_tables if want_dx else (_EMPTY_I32,) * 3
-    entry_rows, entry_cols, entry_slots = entry_tables if want_dw else (_EMPTY_I32,) * 3
-    block = make_block((x if want_dw else none, dy, w if want_dx else none, row_ptr, row_cols, row_slots,
-                        entry_rows, entry_cols, entry_slots, dx if want_dx else none, dw if want_dw else none,
-                        xp, dyp, dyt, tiles),
-                       (n, c, k, ncp, n_chunks, threads, int(want_dx), int(want_dw)))
-    runtime.launch(program, block, threads)
+    block, address = make_block(
+        [pair(x) if want_dw else none, pair(dy), pair(w) if want_dx else none,
+         *(row_tables if want_dx else _NO_TABLES), *(entry_tables if want_dw else _NO_TABLES),
+         pair(dx) if want_dx else none, pair(dw) if want_dw else none, xp, dyp, dyt, tiles],
+        (n, c, k, ncp, n_chunks, threads, int(want_dx), int(want_dw)))
+    runtime.launch(program("backward", dtype_name, B, n >= DIRECT_ROWS), address, threads)
 
 
-def _zero_slots(dw, slots):
-    if hasattr(dw, "index_fill_"):
-        import torch
+def layout_forward(x, w, layout, B, y, dtype_name, itemsize, bias=None):
+    """:func:`run_forward` with a :class:`~numbasparse.layout.BlockLayout`'s tables."""
+    run_forward(x, w, table_pairs(layout, _COL_TABLES), layout.nnz, B, y, dtype_name, itemsize, bias)
 
-        dw.index_fill_(0, torch.from_numpy(np.asarray(slots, dtype=np.int64)), 0)
-    else:
-        dw[np.asarray(slots)] = 0
+
+def layout_backward(x, dy, w, layout, B, dx, dw, dtype_name, itemsize):
+    """:func:`run_backward` with a :class:`~numbasparse.layout.BlockLayout`'s tables."""
+    run_backward(x, dy, w, table_pairs(layout, _ROW_TABLES), table_pairs(layout, _ENTRY_TABLES), layout.nnz, B,
+                 dx, dw, dtype_name, itemsize)
 
 
 # ------------------------------------------------------------- checked API
@@ -124,7 +157,8 @@ def forward(x, w, col_ptr, col_rows, col_slots, block_size, y):
     _rows_match("y", y, n)
     k = _matrix("y", y, B)[1]
     _check_tables("col", col_ptr, col_rows, col_slots, k // B, c // B, w.shape[0])
-    run_forward(x, w, col_ptr, col_rows, col_slots, B, y, dtype_name)
+    run_forward(x, w, [pair(col_ptr), pair(col_rows), pair(col_slots)], col_rows.shape[0], B, y, dtype_name,
+                x.itemsize)
 
 
 def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx):
@@ -134,7 +168,8 @@ def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx):
     _rows_match("dx", dx, n)
     c = _matrix("dx", dx, B)[1]
     _check_tables("row", row_ptr, row_cols, row_slots, c // B, k // B, w.shape[0])
-    run_backward(None, dy, w, (row_ptr, row_cols, row_slots), None, B, dx, None, dtype_name)
+    run_backward(None, dy, w, [pair(row_ptr), pair(row_cols), pair(row_slots)], None, row_cols.shape[0], B, dx,
+                 None, dtype_name, dy.itemsize)
 
 
 def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw):
@@ -144,7 +179,11 @@ def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw):
     _rows_match("dy", dy, n)
     k = _matrix("dy", dy, B)[1]
     _check_entries(entry_rows, entry_cols, entry_slots, c // B, k // B, dw.shape[0])
-    run_backward(x, dy, None, None, (entry_rows, entry_cols, entry_slots), B, None, dw, dtype_name)
+    if n == 0:
+        dw[entry_slots] = 0
+        return
+    run_backward(x, dy, None, None, [pair(entry_rows), pair(entry_cols), pair(entry_slots)], entry_rows.shape[0],
+                 B, None, dw, dtype_name, x.itemsize)
 
 
 # ------------------------------------------------------------------- checks

@@ -47,11 +47,12 @@ from numba import carray, cfunc, njit, types
 
 from . import VECTOR_BYTES
 from .args import JOINED, NEXT_TASK, PACKED, array_arg, scalar_arg
-from .simd import atomic_load, fetch_add, vadd, vfma, vload, vstore, vsum, vzero
-from .tiles import (load_8x2, load_16x1, mma_1x1, mma_1x2, mma_8x1, mma_8x2, mma_16x1, store_8x1,
-                    store_8x2, store_16x1, zero_8x1, zero_8x2, zero_16x1)
+from .simd import atomic_load, fetch_add, prefetch, vadd, vfma, vload, vstore, vsum, vzero
+from .tiles import (transpose_tile, load_8x2, load_16x1, mma_1x1, mma_1x2, mma_8x1, mma_8x2, mma_16x1, rows_8x2, rows_16x1,
+                    store_8x1, store_8x2, store_16x1, zero_8x1, zero_8x2, zero_16x1)
 
 GROUP = 4          # live blocks whose weights a tile sweep keeps in L1
+PREFETCH_BLOCKS = 4  # direct forward: weight blocks requested this far ahead of use
 DIRECT_ROWS = 16   # fewer rows than this: direct (unpacked) programs
 MAX_CHUNK = 256    # rows per packed chunk, at most
 
@@ -91,23 +92,53 @@ def _pack_rows(a, ap, ch, blk, N, width, NCp, B, L, NV, zero):
 
 
 @njit(inline="always", cache=True)
-def _pack_transposed(a, at, ch, blk, N, width, NCp, B, RV, zero):
+def _pack_transposed(a, at, ch, blk, N, width, NCp, B, RV, VL, zero):
     """Panel (ch, blk) of ``at``: rows ``ch*NCp ..`` of ``a[:, blk*B:(blk+1)*B]``
     transposed, as ``NCp/RV`` sub-panels of ``B x RV`` (row ``c`` = feature c of RV
-    consecutive rows), so that a register tile reads one contiguous sub-panel."""
+    consecutive rows), so that a register tile reads one contiguous sub-panel.
+    ``VL x VL`` squares go through registers (``VL`` divides ``RV``, and ``B`` when
+    ``B >= VL``); rows past ``N`` are zeros."""
     n0 = ch * NCp
     nblocks = width // B
     dst = (ch * nblocks + blk) * B * NCp
     valid = min(N - n0, NCp)
-    for r in range(valid):
-        src = (n0 + r) * width + blk * B
-        sub = dst + (r // RV) * B * RV + r % RV
-        for c in range(B):
-            at[sub + c * RV] = a[src + c]
-    for r in range(valid, NCp):
-        sub = dst + (r // RV) * B * RV + r % RV
-        for c in range(B):
-            at[sub + c * RV] = zero
+    for r0 in range(0, NCp, VL):
+        sub = dst + (r0 // RV) * B * RV + r0 % RV
+        if B >= VL and r0 + VL <= valid:
+            for c0 in range(0, B, VL):
+                transpose_tile(a, (n0 + r0) * width + blk * B + c0, width, at, sub + c0 * RV, RV, VL)
+        else:
+            for r in range(r0, r0 + VL):
+                for c in range(B):
+                    at[sub + r - r0 + c * RV] = a[(n0 + r) * width + blk * B + c] if r < valid else zero
+
+
+@njit(inline="always", cache=True)
+def _unpack_transposed(tile, out, row0, col0, width, valid, B, RV, VL):
+    """Inverse of :func:`_pack_transposed` for one ``B x NCp`` tile of sub-panels:
+    ``out[(row0 + r)*width + col0 + c] = tile[...(r, c)]`` for rows ``r < valid``."""
+    for r0 in range(0, valid, VL):
+        sub = (r0 // RV) * B * RV + r0 % RV
+        if B >= VL and r0 + VL <= valid:
+            for c0 in range(0, B, VL):
+                transpose_tile(tile, sub + c0 * RV, RV, out, (row0 + r0) * width + col0 + c0, width, VL)
+        else:
+            for r in range(r0, min(r0 + VL, valid)):
+                for c in range(B):
+                    out[(row0 + r) * width + col0 + c] = tile[sub + r - r0 + c * RV]
+
+
+@njit(inline="always", cache=True)
+def _prefetch_part(w, slots, e_begin, e_end, part, parts, BB, LINE):
+    """Prefetch (into L2) part ``part`` of ``parts`` of the weight blocks
+    ``w[slots[e]]``, ``e_begin <= e < e_end``: a tile sweep spreads the next group's
+    weights over its steps instead of stalling on them when the group starts."""
+    lines = (e_end - e_begin) * (BB // LINE)
+    first = part * lines // parts
+    last = (part + 1) * lines // parts
+    per_block = BB // LINE
+    for q in range(first, last):
+        prefetch(w, slots[e_begin + q // per_block] * BB + (q % per_block) * LINE, 2)
 
 
 @njit(inline="always", cache=True)
@@ -115,6 +146,16 @@ def _copy_rows(src, s0, ld_src, dst, d0, ld_dst, rows, B, L, NV):
     for r in range(rows):
         for v in range(NV):
             vstore(dst, d0 + r * ld_dst + v * L, vload(src, s0 + r * ld_src + v * L, L))
+
+
+@njit(inline="always", cache=True)
+def _fill_rows(dst, d0, ld, rows, B, L, NV, src, s0, use_src, zero):
+    """``rows`` rows of ``B`` values at ``dst[d0 + r*ld]``: ``src[s0:s0+B]`` if
+    ``use_src``, else zeros."""
+    z = vzero(zero, L)
+    for r in range(rows):
+        for v in range(NV):
+            vstore(dst, d0 + r * ld + v * L, vload(src, s0 + v * L, L) if use_src else z)
 
 
 @njit(inline="always", cache=True)
@@ -128,14 +169,16 @@ def _zero_rows(dst, d0, ld, rows, B, L, NV, zero):
 # --------------------------------------------------------------------- forward
 @functools.lru_cache(maxsize=None)
 def forward_program(dtype_name: str, B: int, packed: bool):
-    """``y = x @ W``.  Arrays: x, w, col_ptr, col_rows, col_slots, y, xp, tiles.
-    Scalars: N, C, K, NCp, n_chunks, threads."""
+    """``y = x @ W (+ bias)``.  Arrays: x, w, col_ptr, col_rows, col_slots, y, xp,
+    tiles, bias (length K, or anything when has_bias is 0).
+    Scalars: N, C, K, NCp, n_chunks, threads, has_bias."""
     DT = np.dtype(dtype_name).type
     L, NV, _ = geometry(dtype_name, B)
     BB = B * B
     HALVES = max(1, NV // 2)      # column groups of two vectors (NV = 4 has two)
     MR = 16 if NV == 1 else 8     # rows per register tile
-    NA = 8
+    LINE = 64 // np.dtype(dtype_name).itemsize
+    NA = 9
 
     if packed:
         @cfunc(_SIGNATURE, cache=True)
@@ -149,12 +192,14 @@ def forward_program(dtype_name: str, B: int, packed: bool):
             y = array_arg(block, 5, DT)
             xp = array_arg(block, 6, DT)
             tiles = array_arg(block, 7, DT)
+            bias = array_arg(block, 8, DT)
             N = scalar_arg(block, NA, 0)
             C = scalar_arg(block, NA, 1)
             K = scalar_arg(block, NA, 2)
             NCp = scalar_arg(block, NA, 3)
             n_chunks = scalar_arg(block, NA, 4)
             threads = scalar_arg(block, NA, 5)
+            has_bias = scalar_arg(block, NA, 6)
             me = fetch_add(block, JOINED, 1)
             if me >= threads:
                 return
@@ -179,28 +224,35 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                     e_beg = ptr[j]
                     e_end = ptr[j + 1]
                     if e_beg == e_end:
-                        _zero_rows(y, n0 * K + j * B, K, valid, B, L, NV, DT(0))
+                        _fill_rows(y, n0 * K + j * B, K, valid, B, L, NV, bias, j * B, has_bias, DT(0))
                     else:
                         for half in range(HALVES):
                             coff = half * 2 * L
                             e0 = e_beg
                             while e0 < e_end:
                                 e1 = min(e0 + GROUP, e_end)
+                                e2 = min(e1 + GROUP, e_end)
                                 for r in range(0, NCp, MR):
+                                    if half == 0:
+                                        _prefetch_part(w, slots, e1, e2, r // MR, NCp // MR, BB, LINE)
                                     if NV == 1:
-                                        if e0 == e_beg:
-                                            acc = zero_16x1(DT(0), L)
-                                        else:
+                                        if e0 != e_beg:
                                             acc = load_16x1(tile, r * B, B, L)
+                                        elif has_bias:
+                                            acc = rows_16x1(bias, j * B, L)
+                                        else:
+                                            acc = zero_16x1(DT(0), L)
                                         for e in range(e0, e1):
                                             acc = mma_16x1(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
                                                            w, slots[e] * BB, B, B, L)
                                         store_16x1(acc, tile, r * B, B, L)
                                     else:
-                                        if e0 == e_beg:
-                                            acc = zero_8x2(DT(0), L)
-                                        else:
+                                        if e0 != e_beg:
                                             acc = load_8x2(tile, r * B + coff, B, L)
+                                        elif has_bias:
+                                            acc = rows_8x2(bias, j * B + coff, L)
+                                        else:
+                                            acc = zero_8x2(DT(0), L)
                                         for e in range(e0, e1):
                                             acc = mma_8x2(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
                                                           w, slots[e] * BB + coff, B, B, L)
@@ -218,9 +270,11 @@ def forward_program(dtype_name: str, B: int, packed: bool):
             rows = array_arg(block, 3, np.int32)
             slots = array_arg(block, 4, np.int32)
             y = array_arg(block, 5, DT)
+            bias = array_arg(block, 8, DT)
             N = scalar_arg(block, NA, 0)
             C = scalar_arg(block, NA, 1)
             K = scalar_arg(block, NA, 2)
+            has_bias = scalar_arg(block, NA, 6)
             nbo = K // B
             t = fetch_add(block, NEXT_TASK, 1)
             while t < nbo:
@@ -230,7 +284,15 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                         coff = half * 2 * L
                         c0 = vzero(DT(0), L)
                         c1 = c0
+                        if has_bias:
+                            c0 = vload(bias, j * B + coff, L)
+                            if NV > 1:
+                                c1 = vload(bias, j * B + coff + L, L)
                         for e in range(ptr[j], ptr[j + 1]):
+                            if n == 0 and half == 0 and e + PREFETCH_BLOCKS < ptr[j + 1]:
+                                ahead = slots[e + PREFETCH_BLOCKS] * BB
+                                for q in range(0, BB, LINE):
+                                    prefetch(w, ahead + q, 2)
                             if NV == 1:
                                 c0, c1 = mma_1x1(c0, c1, x, n * C + rows[e] * B, 1, w, slots[e] * BB, B, B, L)
                             else:
@@ -259,6 +321,7 @@ def backward_program(dtype_name: str, B: int, packed: bool):
     BB = B * B
     HALVES = max(1, NV // 2)
     WIDE = NV == 1 and B >= 16     # one-vector rows, 16 of them: 16x1 weight-gradient tiles
+    LINE = 64 // np.dtype(dtype_name).itemsize
     NA = 15
 
     if packed:
@@ -311,7 +374,7 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                         _pack_rows(dy, dyp, u // nbo, u % nbo, N, K, NCp, B, L, NV, DT(0))
                     else:
                         u = t - n_xp - n_dyp
-                        _pack_transposed(dy, dyt, u // nbo, u % nbo, N, K, NCp, B, 2 * VL, DT(0))
+                        _pack_transposed(dy, dyt, u // nbo, u % nbo, N, K, NCp, B, 2 * VL, VL, DT(0))
                     fetch_add(block, PACKED, 1)
                 else:
                     while atomic_load(block, PACKED) < n_pack:
@@ -331,7 +394,9 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                             e0 = e_beg
                             while e0 < e_end:
                                 e1 = min(e0 + GROUP, e_end)
+                                e2 = min(e1 + GROUP, e_end)
                                 for q in range(NCp // RV):
+                                    _prefetch_part(w, row_slots, e1, e2, q, NCp // RV, BB, LINE)
                                     for kk in range(0, B, 8):
                                         t0 = (q * B + kk) * RV
                                         if e0 == e_beg:
@@ -344,11 +409,7 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                                                           B, VL)
                                         store_8x2(acc, tile, t0, RV, VL)
                                 e0 = e1
-                            for r in range(valid):
-                                base = (n0 + r) * C + i * B
-                                sub = (r // RV) * B * RV + r % RV
-                                for kk in range(B):
-                                    dx[base + kk] = tile[sub + kk * RV]
+                            _unpack_transposed(tile, dx, n0, i * B, C, valid, B, RV, VL)
                     else:
                         e = u - n_dx
                         i = entry_rows[e]

@@ -35,8 +35,11 @@ import torch
 
 __all__ = ["launch", "threads_for", "get_num_threads", "set_num_threads", "backend_name"]
 
-#: Below this many floating-point operations a kernel runs on the calling thread only.
-SERIAL_FLOPS = 4_000_000
+#: Below this much work a kernel runs on the calling thread only.  Work is counted in
+#: floating-point operations plus ``BYTE_WEIGHT`` per byte of weights streamed (a
+#: batch-1 forward does 2 operations per 4-byte weight but is bound by memory).
+SERIAL_WORK = 4_000_000
+BYTE_WEIGHT = 16
 
 _PROGRAM_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _requested_threads: int | None = None
@@ -58,12 +61,14 @@ def set_num_threads(n: int | None) -> None:
     _requested_threads = n
 
 
-def threads_for(flops: float) -> int:
-    """How many threads a kernel of ``flops`` floating-point operations should use."""
+def threads_for(flops: float, weight_bytes: float = 0.0) -> int:
+    """How many threads a kernel doing ``flops`` operations over ``weight_bytes`` of
+    weights should use."""
     threads = get_num_threads()
-    if threads <= 1 or flops < SERIAL_FLOPS:
+    work = flops + BYTE_WEIGHT * weight_bytes
+    if threads <= 1 or work < SERIAL_WORK:
         return 1
-    return int(min(threads, max(1, flops // (SERIAL_FLOPS // 2))))
+    return int(min(threads, work // (SERIAL_WORK // 2)))
 
 
 # ----------------------------------------------------------------- OpenMP team
@@ -161,13 +166,13 @@ def _callable(program):
     return fn
 
 
-def launch(program, block, threads: int) -> None:
-    """Run ``program`` (a cfunc ``void(void*)``) on ``block`` with ``threads`` threads.
+def launch(program, address: int, threads: int) -> None:
+    """Run ``program`` (a cfunc ``void(void*)``) on the argument block at ``address``
+    with ``threads`` threads.
 
-    ``block`` is the int64 numpy argument block; it and every array it points to
-    must stay alive until this returns (it returns when all threads are done).
+    The block and every array it points to must stay alive until this returns (it
+    returns when all threads are done).
     """
-    address = block.ctypes.data
     if threads <= 1:
         _callable(program)(address)
         return

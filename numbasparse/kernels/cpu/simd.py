@@ -218,3 +218,63 @@ def address_as_voidptr(typingctx, address):
         return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
 
     return types.voidptr(address), codegen
+
+
+@intrinsic
+def vgather(typingctx, array, index, stride, lanes):
+    """``array[index + l*stride]`` for lanes ``l`` (a strided gather load)."""
+    if not isinstance(array, types.Array) or _lanes(lanes) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        count = _lanes(sig.args[3])
+        base = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        vector_type = context.get_value_type(sig.return_type)
+        i64 = ir.IntType(64)
+        step = builder.mul(context.cast(builder, args[2], sig.args[2], types.int64),
+                           ir.Constant(i64, context.get_abi_sizeof(vector_type.element)))
+        lane_index = ir.Constant(ir.VectorType(i64, count), list(range(count)))
+        addresses = builder.add(_splat(builder, builder.ptrtoint(base, i64), ir.VectorType(i64, count)),
+                                builder.mul(_splat(builder, step, ir.VectorType(i64, count)), lane_index))
+        pointers = builder.inttoptr(addresses, ir.VectorType(base.type, count))
+        mask = ir.Constant(ir.VectorType(ir.IntType(1), count), [1] * count)
+        bits = 64 if isinstance(vector_type.element, ir.DoubleType) else 32
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector_type, [pointers.type, ir.IntType(32), mask.type, vector_type]),
+            f"llvm.masked.gather.v{count}f{bits}.v{count}p0f{bits}")
+        return builder.call(fn, [pointers, ir.Constant(ir.IntType(32), context.get_abi_sizeof(vector_type.element)),
+                                 mask, ir.Constant(vector_type, ir.Undefined)])
+
+    return Vector(array.dtype, _lanes(lanes))(array, index, stride, lanes), codegen
+
+
+@intrinsic
+def vtranspose(typingctx, rows):
+    """Transpose a square tile: ``rows`` is a tuple of ``n`` vectors of ``n`` lanes
+    (row ``i`` = ``rows[i]``); returns the tuple of its columns.  ``log2(n)`` stages of
+    two-source shuffles, each swapping the off-diagonal sub-blocks of a pair of rows."""
+    if not (isinstance(rows, types.UniTuple) and isinstance(rows.dtype, Vector) and rows.count == rows.dtype.lanes):
+        return None
+    n = rows.count
+    if n & (n - 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vectors = [builder.extract_value(args[0], i) for i in range(n)]
+        i32 = ir.IntType(32)
+        size = n // 2
+        while size >= 1:
+            low = ir.Constant(ir.VectorType(i32, n), [j if not j & size else n + j - size for j in range(n)])
+            high = ir.Constant(ir.VectorType(i32, n), [j + size if not j & size else n + j for j in range(n)])
+            for i in range(n):
+                if not i & size:
+                    a, b = vectors[i], vectors[i + size]
+                    vectors[i] = builder.shuffle_vector(a, b, low)
+                    vectors[i + size] = builder.shuffle_vector(a, b, high)
+            size //= 2
+        out = ir.Constant(context.get_value_type(sig.return_type), ir.Undefined)
+        for i, v in enumerate(vectors):
+            out = builder.insert_value(out, v, i)
+        return out
+
+    return rows(rows), codegen

@@ -22,9 +22,10 @@ and the single-row ``1x2``/``1x1`` used when there are too few rows to pack.
 """
 from __future__ import annotations
 
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
-from .simd import vfma, vload, vsplat, vstore, vzero
+from .simd import vfma, vload, vsplat, vstore, vtranspose, vzero
 
 _INLINE = {"inline": "always", "cache": True}
 
@@ -34,6 +35,14 @@ _INLINE = {"inline": "always", "cache": True}
 def zero_8x2(sample, L):
     z = vzero(sample, L)
     return (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+
+
+@njit(**_INLINE)
+def rows_8x2(src, off, L):
+    """Every row = ``src[off:off + 2L]`` (a bias row, say)."""
+    v0 = vload(src, off, L)
+    v1 = vload(src, off + L, L)
+    return (v0, v1, v0, v1, v0, v1, v0, v1, v0, v1, v0, v1, v0, v1, v0, v1)
 
 
 @njit(**_INLINE)
@@ -111,6 +120,13 @@ def zero_16x1(sample, L):
 
 
 @njit(**_INLINE)
+def rows_16x1(src, off, L):
+    """Every row = ``src[off:off + L]``."""
+    v = vload(src, off, L)
+    return (v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v)
+
+
+@njit(**_INLINE)
 def load_16x1(src, off, ld, L):
     return (vload(src, off, L), vload(src, off + ld, L), vload(src, off + 2 * ld, L),
             vload(src, off + 3 * ld, L), vload(src, off + 4 * ld, L), vload(src, off + 5 * ld, L),
@@ -173,6 +189,13 @@ def zero_8x1(sample, L):
 
 
 @njit(**_INLINE)
+def load_8x1(src, off, ld, L):
+    return (vload(src, off, L), vload(src, off + ld, L), vload(src, off + 2 * ld, L), vload(src, off + 3 * ld, L),
+            vload(src, off + 4 * ld, L), vload(src, off + 5 * ld, L), vload(src, off + 6 * ld, L),
+            vload(src, off + 7 * ld, L))
+
+
+@njit(**_INLINE)
 def store_8x1(acc, dst, off, ld, L):
     vstore(dst, off, acc[0])
     vstore(dst, off + ld, acc[1])
@@ -225,3 +248,23 @@ def mma_1x1(c0, c1, a, a0, aks, b, b0, bks, klen, L):
     if k < klen:
         c0 = vfma(vsplat(a, a0 + k * aks, L), vload(b, b0 + k * bks, L), c0)
     return c0, c1
+
+
+# ----------------------------------------------------------------- transposes
+def transpose_tile(src, s0, s_ld, dst, d0, d_ld, n):
+    """``dst[d0 + c*d_ld + r] = src[s0 + r*s_ld + c]`` for ``r, c < n`` (n = 8 or 16,
+    a compile-time constant): ``n`` vector loads, an in-register transpose, ``n``
+    vector stores."""
+
+
+@overload(transpose_tile, inline="always")
+def _transpose_tile(src, s0, s_ld, dst, d0, d_ld, n):
+    if not isinstance(n, types.IntegerLiteral) or n.literal_value not in (8, 16):
+        return None
+    if n.literal_value == 16:
+        def impl(src, s0, s_ld, dst, d0, d_ld, n):
+            store_16x1(vtranspose(load_16x1(src, s0, s_ld, 16)), dst, d0, d_ld, 16)
+    else:
+        def impl(src, s0, s_ld, dst, d0, d_ld, n):
+            store_8x1(vtranspose(load_8x1(src, s0, s_ld, 8)), dst, d0, d_ld, 8)
+    return impl
