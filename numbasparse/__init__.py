@@ -14,11 +14,26 @@ __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "layouts", "functional", "block_sparse_matmul", "block_sparse_conv2d",
            "BlockSparseLinear", "BlocksparseMatMul",
-           "BlockSparseConv2d", "set_num_threads", "__version__"]
+           "BlockSparseConv2d", "set_num_threads", "get_num_threads", "__version__"]
 
 
-def set_num_threads(n: int) -> None:
-    """Threads used by the CPU kernels (numba's thread pool)."""
+def set_num_threads(n: int | None) -> None:
+    """Threads the CPU kernels use; ``None`` (the default) follows ``torch.get_num_threads()``.
+
+    The matmul kernels run on torch's own OpenMP threads, so this never adds threads
+    beyond torch's; the conv kernels use numba's thread pool, capped at its size.
+    """
     import numba
+    import torch
 
-    numba.set_num_threads(n)
+    from .kernels.cpu import runtime
+
+    runtime.set_num_threads(n)
+    numba.set_num_threads(max(1, min(n or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use (see :func:`set_num_threads`)."""
+    from .kernels.cpu import runtime
+
+    return runtime.get_num_threads()

@@ -62,7 +62,9 @@ def block_sparse_matmul(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
     out_features = layout.out_blocks * block_size
     if bias is not None:
         check_tensor("bias", bias)
-        check_same_placement(x, bias)
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias is {bias.dtype} on {bias.device} but x is {x.dtype} on {x.device}: "
+                            "use one dtype and device")
         if bias.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         bias = bias.contiguous()

@@ -68,7 +68,8 @@ def threads_for(flops: float, weight_bytes: float = 0.0) -> int:
     work = flops + BYTE_WEIGHT * weight_bytes
     if threads <= 1 or work < SERIAL_WORK:
         return 1
-    return int(min(threads, work // (SERIAL_WORK // 2)))
+    # one more thread per half SERIAL_WORK: a thread's share is never tiny
+    return int(min(threads, max(2, work // max(SERIAL_WORK // 2, 1))))
 
 
 # ----------------------------------------------------------------- OpenMP team
