@@ -24,8 +24,8 @@ def test_matmul_rows_cover_every_impl_and_op():
     dense_rows = [r for r in rows if r["impl"] == "dense torch"]
     assert len(dense_rows) == 4 and all(r["speedup_vs_dense"] == 1.0 for r in dense_rows)
     table = format_table(rows)
-    assert table.count("\n") == len(rows) + 1
-    assert "numbasparse" in table and "vs dense" in table
+    assert table.count("\n") == len(rows) + 2
+    assert "numbasparse" in table and "speedup" in table
 
 
 def test_median_ms_takes_the_median(monkeypatch):
@@ -51,7 +51,34 @@ def test_cli_writes_json(tmp_path, capsys):
 
 def test_microkernel_ceiling_is_timed():
     from numbasparse.bench.microkernel import format_microkernel, microkernel_gflops
+    from numbasparse.kernels.cpu import VECTOR_BYTES
 
-    result = microkernel_gflops(lengths=(64, 96), seconds=0.01)
-    assert set(result) == {64, 96} and all(g > 0 for g in result.values())
+    result = microkernel_gflops(block_sizes=(32, 16), seconds=0.01)
+    assert all(g > 0 for g in result.values())
+    if VECTOR_BYTES == 64:
+        assert set(result) == {32, 16}
     assert "GFLOP/s" in format_microkernel(result)
+
+
+def test_overhead_and_model_rows():
+    from numbasparse.bench import format_summary, model_rows, overhead_rows
+
+    rows = overhead_rows(repeats=1) + model_rows(repeats=1, hidden=64, block=16, densities=(0.5,), batch=4)
+    ops = {(r["op"], r["impl"]) for r in rows}
+    for op in ("layer fwd", "layer train step", "model train step", "model fwd"):
+        assert (op, "numbasparse") in ops and (op, "dense torch") in ops
+    for r in rows:
+        assert r["ms"] > 0 and r["speedup_vs_dense"] == pytest.approx(r["dense_ms"] / r["ms"])
+    summary = format_summary(rows)
+    assert "efficiency" in summary and "layer train step" in summary
+
+
+def test_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    import re
+    options = re.findall(r"^  (--[a-z-]+)", text, flags=re.M)
+    assert len(options) >= 15
+    for block in re.split(r"\n  (?=--)", text.split("options:")[1])[1:]:
+        assert len(block.split()) > 2, f"option without help text: {block!r}"

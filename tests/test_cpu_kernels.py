@@ -281,6 +281,40 @@ def test_optimizer_step_is_seen():
         assert torch.allclose(after, reference(), atol=1e-12)
 
 
+def test_column_ordered_weight_copies_follow_the_weight(monkeypatch):
+    """Few rows: after a weight is seen unchanged, the forward pass reads a
+    column-ordered copy; any change (in place, optimizer step, new layout) is seen by
+    the next call, and the copy goes away with the weight."""
+    import gc
+
+    from numbasparse.kernels.cpu import packed_weights
+
+    monkeypatch.setattr(packed_weights, "MIN_BYTES", 0)
+    layer, x, reference = _layer_and_reference(seed=3)
+    x = x[:2]
+    with torch.no_grad():
+        for _ in range(3):  # the second call makes the copy, the third uses it
+            assert torch.allclose(layer(x), reference()[:2], atol=1e-12)
+        entry = packed_weights._entries[id(layer.weight)]
+        assert entry[3] is not None and entry[3].data_ptr() != layer.weight.data_ptr()
+        layer.weight.add_(1.0)
+        assert torch.allclose(layer(x), reference()[:2], atol=1e-12)
+        assert torch.allclose(layer(x), reference()[:2], atol=1e-12)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.allclose(layer(x), reference()[:2], atol=1e-12)
+        layout = layer.layout
+        layer.set_layout(layout.remove(layout.entry_rows[:2], layout.entry_cols[:2]))
+        assert torch.allclose(layer(x), reference()[:2], atol=1e-12)
+        assert torch.allclose(layer(x), reference()[:2], atol=1e-12)
+    key = id(layer.weight)
+    del layer, optimizer, reference  # the reference closure holds the layer too
+    gc.collect()
+    assert key not in packed_weights._entries
+
+
 def test_set_layout_is_seen():
     layer, x, reference = _layer_and_reference(seed=2)
     layer(x)

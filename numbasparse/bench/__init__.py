@@ -1,9 +1,10 @@
 """Benchmark: ``python -m numbasparse.bench`` (see ``--help``), or ``run(...)`` from Python.
 
 Times block-sparse layers against dense PyTorch and its peers in one process and one
-run, on the same threads: warm-up first, fresh random data, median of repeats.
-Each row reports the time, the effective GFLOP/s over live blocks, and the speedup
-against the dense PyTorch baseline of the same op and shape.
+run, on the same threads: warm-up first, fresh random data, median of interleaved
+rounds.  Each row reports the time, the effective GFLOP/s over live blocks only, and
+the speedup against the dense PyTorch baseline of the same op and shape timed in the
+same rounds (dense time / this time: above 1 is faster than dense).
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import subprocess
 
 import torch
 
+from .layers import model_rows, overhead_rows
 from .matmul import matmul_rows
 from .timing import Progress
 
-__all__ = ["run", "format_table", "format_summary", "machine_info", "matmul_rows"]
+__all__ = ["run", "format_table", "format_summary", "machine_info", "matmul_rows", "overhead_rows", "model_rows"]
 
 
 def _conv_rows(**kwargs):
@@ -26,14 +28,13 @@ def _conv_rows(**kwargs):
 
 
 def set_threads(threads: int | None) -> int:
-    """Use ``threads`` threads in torch and in numba's pool; returns the count in use."""
-    import numba
+    """Use ``threads`` threads in torch and in the kernels (which then follow torch);
+    returns the count in use."""
+    import numbasparse
 
     if threads:
         torch.set_num_threads(threads)
-        numba.set_num_threads(threads)
-    else:
-        numba.set_num_threads(torch.get_num_threads())
+    numbasparse.set_num_threads(None)
     return torch.get_num_threads()
 
 
@@ -70,16 +71,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(device="cpu", hidden=4096, batches=(32, 256), block_sizes=(8, 16, 32),
+def run(device="cpu", hidden=4096, batches=(1, 32, 256), block_sizes=(8, 16, 32),
         densities=(1.0, 0.5, 0.25, 0.1, 0.03), repeats=5, threads=None, conv=True, peers=True,
-        conv_block_sizes=(16, 32), reference=True, show_progress=True):
+        conv_block_sizes=(16, 32), reference=True, layers=True, model_densities=(0.25, 0.1), show_progress=True):
     """Run the benchmark grid; returns ``{"info": machine_info, "rows": [row dicts]}``."""
     set_threads(threads)
     n_matmul = len(batches) * len(block_sizes) * len(densities) * 4
     n_conv = len(conv_block_sizes) * len(densities) * 4 if conv else 0
     n_ref = len([d for d in densities if d < 1.0]) if device == "cuda" and reference else 0
-    progress = Progress(n_matmul + n_conv + n_ref, enabled=show_progress)
+    n_layers = 2 + 2 * len(model_densities) if layers else 0
+    progress = Progress(n_matmul + n_conv + n_ref + n_layers, enabled=show_progress)
     rows = matmul_rows(device, hidden, batches, block_sizes, densities, repeats, peers, progress=progress)
+    if layers:
+        rows += overhead_rows(device, repeats, progress=progress)
+        rows += model_rows(device, repeats, densities=model_densities, progress=progress)
     if conv:
         rows += _conv_rows(device=device, repeats=repeats, block_sizes=conv_block_sizes, densities=densities,
                            progress=progress)
@@ -101,8 +106,11 @@ def run(device="cpu", hidden=4096, batches=(32, 256), block_sizes=(8, 16, 32),
 
 def format_table(rows) -> str:
     """Fixed-width text table of benchmark rows."""
-    head = f"{'op':<19}{'impl':<14}{'batch':>6}{'hidden':>7}{'block':>6}{'density':>8}{'ms':>10}{'GFLOP/s':>9}{'vs dense':>9}"
-    lines = [head, "-" * len(head)]
+    head = (f"{'op':<19}{'impl':<14}{'batch':>6}{'hidden':>7}{'block':>6}{'density':>8}{'ms':>10}"
+            f"{'GFLOP/s':>9}{'speedup':>9}")
+    legend = ("GFLOP/s counts live blocks only; speedup = dense torch ms / this row's ms, same rounds "
+              "(above 1: faster than dense)")
+    lines = [legend, head, "-" * len(head)]
     for r in rows:
         block = "-" if r.get("block") is None else str(r["block"])
         size = r.get("hidden", r.get("channels", ""))
@@ -112,23 +120,26 @@ def format_table(rows) -> str:
 
 
 def format_summary(rows) -> str:
-    """Per case: numbasparse's throughput over live blocks as a fraction of dense
-    torch's throughput (same rounds), and its speedup over PyTorch's BSR path."""
+    """Per case: numbasparse's speedup over dense torch, its efficiency (speedup x
+    density: the fraction of dense throughput reached per live block) and its speedup
+    over PyTorch's BSR path."""
     by_case = {}
     for r in rows:
         if r.get("block") is None:
             continue
-        key = (r["op"].replace(" train step", " step"), r.get("batch"), r["block"], r["density"])
+        key = (r["op"], r.get("batch"), r["block"], r["density"])
         by_case.setdefault(key, {})[r["impl"]] = r
-    head = f"{'op':<19}{'batch':>6}{'block':>6}{'density':>8}{'throughput/dense':>18}{'speedup/BSR':>13}"
-    lines = [head, "-" * len(head)]
+    head = f"{'op':<19}{'batch':>6}{'block':>6}{'density':>8}{'speedup':>9}{'efficiency':>12}{'vs torch BSR':>14}"
+    legend = ("speedup: dense ms / numbasparse ms (ideal 1/density); efficiency: speedup x density "
+              "(1.00 = dense throughput per live block)")
+    lines = [legend, head, "-" * len(head)]
     for (op, batch, block, density), impls in by_case.items():
         ours = impls.get("numbasparse")
         if ours is None:
             continue
-        # live FLOPs = density * dense FLOPs, so throughput ratio = speedup * density
         efficiency = ours["speedup_vs_dense"] * density if density > 0 else float("nan")
         bsr = impls.get("torch BSR")
-        vs_bsr = f"{bsr['ms'] / ours['ms']:.2f}x" if bsr else "-"
-        lines.append(f"{op:<19}{batch or '':>6}{block:>6}{density:>8.2f}{efficiency:>18.2f}{vs_bsr:>13}")
+        vs_bsr = f"{bsr['ms'] / ours['ms']:.2f}x faster" if bsr else "-"
+        lines.append(f"{op:<19}{batch or '':>6}{block:>6}{density:>8.2f}{ours['speedup_vs_dense']:>8.2f}x"
+                     f"{efficiency:>12.2f}{vs_bsr:>14}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""``python -m numbasparse.bench``: block-sparse vs dense PyTorch and its peers."""
+"""Block-sparse layers (numbasparse) against dense PyTorch and its peers, on one machine in one run."""
 import argparse
 import json
 import sys
@@ -48,22 +48,38 @@ def _dense_gflops_one_thread(hidden):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m numbasparse.bench", description=__doc__)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--batch", type=int, nargs="+", default=[32, 256])
-    p.add_argument("--block", type=int, nargs="+", default=[8, 16, 32], choices=(8, 16, 32))
-    p.add_argument("--density", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.03])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="threads for torch and numba (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="small grid: batch 256, block 32 and 8, density 0.5 and 0.1")
+    p = argparse.ArgumentParser(prog="python -m numbasparse.bench", description=__doc__,
+                                epilog="Every implementation of an op is timed in interleaved rounds in this one "
+                                       "process; the speedup column is dense torch's time over the row's time "
+                                       "from the same rounds.")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where to run: the numba CPU kernels or the numba.cuda kernels (default: cpu)")
+    p.add_argument("--hidden", type=int, default=4096,
+                   help="features in and out of the benchmarked layer (default: 4096)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256],
+                   help="rows of the input, one or more (default: 1 32 256)")
+    p.add_argument("--block", type=int, nargs="+", default=[8, 16, 32], choices=(8, 16, 32),
+                   help="block sizes, one or more (default: 8 16 32)")
+    p.add_argument("--density", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.03],
+                   help="fractions of live blocks, one or more (default: 1.0 0.5 0.25 0.1 0.03)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved timing rounds per measurement; the median is reported (default: 5)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for torch and the kernels (default: torch's current setting)")
+    p.add_argument("--quick", action="store_true",
+                   help="small grid in under a minute: batch 1 and 256, block 32 and 8, density 0.5 and 0.1, "
+                        "conv block 32, the overhead and model rows")
     p.add_argument("--no-conv", action="store_true", help="skip the convolution rows")
-    p.add_argument("--no-peers", action="store_true", help="time only numbasparse and dense torch")
-    p.add_argument("--compile", action="store_true", help="also report JIT compile times (cold and warm cache)")
+    p.add_argument("--no-peers", action="store_true",
+                   help="time only numbasparse and dense torch (skip masked dense and torch BSR)")
+    p.add_argument("--no-layers", action="store_true",
+                   help="skip the per-call overhead rows (256x256 layer, batch 1) and the mixed-model rows")
+    p.add_argument("--compile", action="store_true",
+                   help="also report JIT compile times (fresh processes, cold and warm numba cache)")
     p.add_argument("--microkernel", action="store_true",
-                   help="also time the CPU micro-kernel alone (the kernels' ceiling on one core)")
-    p.add_argument("--json", metavar="PATH", help="write rows and machine info as JSON")
-    p.add_argument("--plot", metavar="PATH", help="save speedup-vs-density plots (needs matplotlib)")
+                   help="also time the CPU register tile alone (the kernels' ceiling on one core)")
+    p.add_argument("--json", metavar="PATH", help="write rows and machine info as JSON to PATH")
+    p.add_argument("--plot", metavar="PATH", help="save speedup-vs-density plots to PATH (needs matplotlib)")
     args = p.parse_args(argv)
 
     if args.device == "cuda":
@@ -72,10 +88,12 @@ def main(argv=None):
             p.error("--device cuda: torch sees no CUDA device")
     batches, blocks, densities = args.batch, args.block, args.density
     conv_blocks = (16, 32)
+    model_densities = (0.25, 0.1)
     if args.quick:
-        batches, blocks, densities, conv_blocks = [256], [32, 8], [0.5, 0.1], (32,)
+        batches, blocks, densities, conv_blocks, model_densities = [1, 256], [32, 8], [0.5, 0.1], (32,), (0.1,)
     result = run(args.device, args.hidden, tuple(batches), tuple(blocks), tuple(densities), args.repeats,
-                 args.threads, conv=not args.no_conv, peers=not args.no_peers, conv_block_sizes=conv_blocks)
+                 args.threads, conv=not args.no_conv, peers=not args.no_peers, conv_block_sizes=conv_blocks,
+                 layers=not args.no_layers, model_densities=model_densities)
     info = result["info"]
     print(f"# numbasparse bench: {info.get('gpu', info['cpu'])}, {info['threads']} threads, "
           f"torch {info['torch']}, numba {info['numba']}, {info['date']}, commit {info['commit']}")
@@ -95,9 +113,9 @@ def main(argv=None):
 
         torch.set_num_threads(1)
         dense_one_thread = _dense_gflops_one_thread(args.hidden)
-        result["microkernel"] = {"gflops_by_length": microkernel_gflops(), "dense_torch_1_thread_gflops": dense_one_thread}
+        result["microkernel"] = {"gflops_by_block": microkernel_gflops(), "dense_torch_1_thread_gflops": dense_one_thread}
         print()
-        print(format_microkernel(result["microkernel"]["gflops_by_length"]))
+        print(format_microkernel(result["microkernel"]["gflops_by_block"]))
         print(f"dense torch, 1 thread, {args.hidden} x {args.hidden} @ batch 256: {dense_one_thread:.1f} GFLOP/s")
     if args.json:
         with open(args.json, "w") as f:

@@ -21,6 +21,7 @@ from . import runtime
 from .args import make_block, pair
 from .matmul_programs import DIRECT_ROWS, MAX_CHUNK, backward_program, forward_program, row_multiple
 from .notice import compiling
+from .packed_weights import column_ordered
 
 __all__ = ["forward", "backward_data", "backward_weight", "BLOCK_SIZES"]
 
@@ -65,6 +66,7 @@ def chunking(n_rows: int, dtype_name: str) -> tuple:
 
 
 _programs: dict = {}
+RUNS_PER_THREAD = 4   # direct forward: each thread takes about this many runs of columns
 
 
 def program(kind: str, dtype_name: str, B: int, packed: bool):
@@ -103,9 +105,10 @@ def run_forward(x, w, tables, nnz, B, y, dtype_name, itemsize, bias=None):
     else:
         ncp = n_chunks = 0
         xp = tiles = none
+    run = max(1, k // (B * threads * RUNS_PER_THREAD))
     block, address = make_block([pair(x), pair(w), *tables, pair(y), xp, tiles,
                                  none if bias is None else pair(bias)],
-                                (n, c, k, ncp, n_chunks, threads, int(bias is not None)))
+                                (n, c, k, ncp, n_chunks, threads, int(bias is not None), run))
     runtime.launch(program("forward", dtype_name, B, n >= DIRECT_ROWS), address, threads)
 
 
@@ -139,8 +142,14 @@ def run_backward(x, dy, w, row_tables, entry_tables, nnz, B, dx, dw, dtype_name,
 
 
 def layout_forward(x, w, layout, B, y, dtype_name, itemsize, bias=None):
-    """:func:`run_forward` with a :class:`~numbasparse.layout.BlockLayout`'s tables."""
-    run_forward(x, w, table_pairs(layout, _COL_TABLES), layout.nnz, B, y, dtype_name, itemsize, bias)
+    """:func:`run_forward` with a :class:`~numbasparse.layout.BlockLayout`'s tables
+    (torch tensors; with few rows, on a column-ordered copy of an unchanged weight)."""
+    tables = table_pairs(layout, _COL_TABLES)
+    if x.shape[0] < DIRECT_ROWS and hasattr(w, "_version"):   # a torch tensor
+        w, col_slots = column_ordered(w, layout)
+        if col_slots is not layout.col_slots:
+            tables = [tables[0], tables[1], pair(col_slots)]
+    run_forward(x, w, tables, layout.nnz, B, y, dtype_name, itemsize, bias)
 
 
 def layout_backward(x, dy, w, layout, B, dx, dw, dtype_name, itemsize):

@@ -171,7 +171,8 @@ def _zero_rows(dst, d0, ld, rows, B, L, NV, zero):
 def forward_program(dtype_name: str, B: int, packed: bool):
     """``y = x @ W (+ bias)``.  Arrays: x, w, col_ptr, col_rows, col_slots, y, xp,
     tiles, bias (length K, or anything when has_bias is 0).
-    Scalars: N, C, K, NCp, n_chunks, threads, has_bias."""
+    Scalars: N, C, K, NCp, n_chunks, threads, has_bias, run (direct program: output
+    block columns a thread takes at a time, so each streams a long run of weights)."""
     DT = np.dtype(dtype_name).type
     L, NV, _ = geometry(dtype_name, B)
     BB = B * B
@@ -275,35 +276,36 @@ def forward_program(dtype_name: str, B: int, packed: bool):
             C = scalar_arg(block, NA, 1)
             K = scalar_arg(block, NA, 2)
             has_bias = scalar_arg(block, NA, 6)
+            run = scalar_arg(block, NA, 7)
             nbo = K // B
-            t = fetch_add(block, NEXT_TASK, 1)
+            t = fetch_add(block, NEXT_TASK, run)
             while t < nbo:
-                j = t
-                for n in range(N):
-                    for half in range(HALVES):
-                        coff = half * 2 * L
-                        c0 = vzero(DT(0), L)
-                        c1 = c0
-                        if has_bias:
-                            c0 = vload(bias, j * B + coff, L)
-                            if NV > 1:
-                                c1 = vload(bias, j * B + coff + L, L)
-                        for e in range(ptr[j], ptr[j + 1]):
-                            if n == 0 and half == 0 and e + PREFETCH_BLOCKS < ptr[j + 1]:
-                                ahead = slots[e + PREFETCH_BLOCKS] * BB
-                                for q in range(0, BB, LINE):
-                                    prefetch(w, ahead + q, 2)
+                for j in range(t, min(t + run, nbo)):
+                    for n in range(N):
+                        for half in range(HALVES):
+                            coff = half * 2 * L
+                            c0 = vzero(DT(0), L)
+                            c1 = c0
+                            if has_bias:
+                                c0 = vload(bias, j * B + coff, L)
+                                if NV > 1:
+                                    c1 = vload(bias, j * B + coff + L, L)
+                            for e in range(ptr[j], ptr[j + 1]):
+                                if n == 0 and half == 0 and e + PREFETCH_BLOCKS < ptr[j + 1]:
+                                    ahead = slots[e + PREFETCH_BLOCKS] * BB
+                                    for q in range(0, BB, LINE):
+                                        prefetch(w, ahead + q, 2)
+                                if NV == 1:
+                                    c0, c1 = mma_1x1(c0, c1, x, n * C + rows[e] * B, 1, w, slots[e] * BB, B, B, L)
+                                else:
+                                    c0, c1 = mma_1x2(c0, c1, x, n * C + rows[e] * B, 1, w, slots[e] * BB + coff,
+                                                     B, B, L)
                             if NV == 1:
-                                c0, c1 = mma_1x1(c0, c1, x, n * C + rows[e] * B, 1, w, slots[e] * BB, B, B, L)
+                                vstore(y, n * K + j * B, vadd(c0, c1))
                             else:
-                                c0, c1 = mma_1x2(c0, c1, x, n * C + rows[e] * B, 1, w, slots[e] * BB + coff,
-                                                 B, B, L)
-                        if NV == 1:
-                            vstore(y, n * K + j * B, vadd(c0, c1))
-                        else:
-                            vstore(y, n * K + j * B + coff, c0)
-                            vstore(y, n * K + j * B + coff + L, c1)
-                t = fetch_add(block, NEXT_TASK, 1)
+                                vstore(y, n * K + j * B + coff, c0)
+                                vstore(y, n * K + j * B + coff + L, c1)
+                t = fetch_add(block, NEXT_TASK, run)
     return program
 
 
