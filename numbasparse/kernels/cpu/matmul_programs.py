@@ -114,16 +114,16 @@ def _pack_transposed(a, at, ch, blk, N, width, NCp, B, RV, VL, zero):
 
 
 @njit(inline="always", cache=True)
-def _unpack_transposed(tile, out, row0, col0, width, valid, B, RV, VL):
-    """Inverse of :func:`_pack_transposed` for one ``B x NCp`` tile of sub-panels:
-    ``out[(row0 + r)*width + col0 + c] = tile[...(r, c)]`` for rows ``r < valid``."""
-    for r0 in range(0, valid, VL):
+def _unpack_transposed(tile, out, row0, col0, width, first, last, B, RV, VL):
+    """Inverse of :func:`_pack_transposed` for rows ``first <= r < last`` of one
+    ``B x NCp`` tile of sub-panels: ``out[(row0 + r)*width + col0 + c] = tile[(r, c)]``."""
+    for r0 in range(first, last, VL):
         sub = (r0 // RV) * B * RV + r0 % RV
-        if B >= VL and r0 + VL <= valid:
+        if B >= VL and r0 + VL <= last:
             for c0 in range(0, B, VL):
                 transpose_tile(tile, sub + c0 * RV, RV, out, (row0 + r0) * width + col0 + c0, width, VL)
         else:
-            for r in range(r0, min(r0 + VL, valid)):
+            for r in range(r0, min(r0 + VL, last)):
                 for c in range(B):
                     out[(row0 + r) * width + col0 + c] = tile[sub + r - r0 + c * RV]
 
@@ -246,7 +246,10 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                                         for e in range(e0, e1):
                                             acc = mma_16x1(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
                                                            w, slots[e] * BB, B, B, L)
-                                        store_16x1(acc, tile, r * B, B, L)
+                                        if e1 == e_end and r + MR <= valid:
+                                            store_16x1(acc, y, (n0 + r) * K + j * B, K, L)
+                                        else:
+                                            store_16x1(acc, tile, r * B, B, L)
                                     else:
                                         if e0 != e_beg:
                                             acc = load_8x2(tile, r * B + coff, B, L)
@@ -257,9 +260,14 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                                         for e in range(e0, e1):
                                             acc = mma_8x2(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
                                                           w, slots[e] * BB + coff, B, B, L)
-                                        store_8x2(acc, tile, r * B + coff, B, L)
+                                        if e1 == e_end and r + MR <= valid:
+                                            store_8x2(acc, y, (n0 + r) * K + j * B + coff, K, L)
+                                        else:
+                                            store_8x2(acc, tile, r * B + coff, B, L)
                                 e0 = e1
-                        _copy_rows(tile, 0, B, y, n0 * K + j * B, K, valid, B, L, NV)
+                        # rows of a partly valid last tile went through the tile
+                        tail = valid // MR * MR
+                        _copy_rows(tile, tail * B, B, y, (n0 + tail) * K + j * B, K, valid - tail, B, L, NV)
                 t = fetch_add(block, NEXT_TASK, 1)
     else:
         @cfunc(_SIGNATURE, cache=True)
@@ -410,8 +418,10 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                                                           dyt, ((ch * nbo + row_cols[e]) * NCp + q * RV) * B, RV,
                                                           B, VL)
                                         store_8x2(acc, tile, t0, RV, VL)
+                                    if e1 == e_end:   # sub-panel q is final: out while it is in L1
+                                        _unpack_transposed(tile, dx, n0, i * B, C, q * RV, min(valid, q * RV + RV),
+                                                           B, RV, VL)
                                 e0 = e1
-                            _unpack_transposed(tile, dx, n0, i * B, C, valid, B, RV, VL)
                     else:
                         e = u - n_dx
                         i = entry_rows[e]
