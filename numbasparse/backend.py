@@ -122,7 +122,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: i
     """y (N, out_blocks*B) = x (N, in_blocks*B) @ W (+ bias, contiguous (out_blocks*B,))."""
     y = torch.empty((x.shape[0], layout.out_blocks * block_size), dtype=x.dtype, device=x.device)
     if _on_cpu_kernels(x):
-        cpu_matmul.layout_forward(x, w, layout, block_size, y, _DTYPE_NAMES[x.dtype], x.element_size(), bias)
+        cpu_matmul._layout_forward(x, w, layout, block_size, y, _DTYPE_NAMES[x.dtype], x.element_size(), bias)
         return y
     if bias is not None:
         return forward(x, w, layout, block_size).add_(bias)
@@ -146,7 +146,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, layout: BlockLa
     if not (need_dx or need_dw):
         return dx, dw
     if _on_cpu_kernels(dy):
-        cpu_matmul.layout_backward(x, dy, w, layout, block_size, dx, dw, _DTYPE_NAMES[dy.dtype],
+        cpu_matmul._layout_backward(x, dy, w, layout, block_size, dx, dw, _DTYPE_NAMES[dy.dtype],
                                    dy.element_size())
         return dx, dw
     kernels, target = _kernels("matmul", dy.device)

@@ -15,7 +15,7 @@ import numbasparse
 from numbasparse import BlockLayout, block_sparse_matmul
 from numbasparse.kernels.cpu import matmul as cpu_matmul
 from numbasparse.kernels.cpu import runtime
-from numbasparse.kernels.cpu.matmul_programs import DIRECT_ROWS, MAX_CHUNK
+from numbasparse.kernels.cpu.panels import DIRECT_ROWS, MAX_CHUNK
 
 from helpers import mask_with_empty, permuted_layout
 
@@ -60,7 +60,7 @@ def _run_all(layout, w, x, dy, B, bias=None):
     if bias is None:
         cpu_matmul.forward(x, w, layout.col_ptr, layout.col_rows, layout.col_slots, B, y)
     else:
-        cpu_matmul.layout_forward(x, w, layout, B, y, x.dtype.name, x.itemsize, bias)
+        cpu_matmul._layout_forward(x, w, layout, B, y, x.dtype.name, x.itemsize, bias)
     cpu_matmul.backward_data(dy, w, layout.row_ptr, layout.row_cols, layout.row_slots, B, dx)
     cpu_matmul.backward_weight(x, dy, layout.entry_rows, layout.entry_cols, layout.entry_slots, B, dw)
     return y, dx, dw

@@ -13,7 +13,7 @@ import time
 import numpy as np
 from numba import njit
 
-from ..kernels.cpu.matmul_programs import GROUP, geometry
+from ..kernels.cpu.panels import GROUP, geometry
 from ..kernels.cpu.tiles import mma_8x2, mma_16x1, store_8x2, store_16x1, zero_8x2, zero_16x1
 
 

@@ -1,5 +1,5 @@
 """Block-sparse matmul on CPUs: host functions around the programs of
-:mod:`.matmul_programs`.
+:mod:`.matmul_forward` and :mod:`.matmul_backward`.
 
 Shapes: ``x (N, C)``, ``dy``/``y (N, K)``, ``w (capacity, B, B)`` with
 ``C = in_blocks*B`` and ``K = out_blocks*B``; block ``w[s]`` of live entry ``(i, j)``
@@ -8,7 +8,7 @@ dtype (float32 or float64); index tables int32.
 
 The public functions take numpy arrays and check everything (shapes, dtypes, table
 ranges) before a kernel runs: a bad argument raises, it never reaches compiled code.
-:mod:`numbasparse.backend` calls the unchecked ``run_*`` functions with torch tensors
+:mod:`numbasparse.backend` calls the unchecked ``_run_*``/``_layout_*`` functions with torch tensors
 and the tables of a :class:`~numbasparse.layout.BlockLayout` (valid by construction).
 """
 from __future__ import annotations
@@ -19,7 +19,9 @@ import numpy as np
 
 from . import runtime
 from .args import make_block, pair
-from .matmul_programs import DIRECT_ROWS, MAX_CHUNK, backward_program, forward_program, row_multiple
+from .matmul_backward import backward_program
+from .matmul_forward import forward_program
+from .panels import DIRECT_ROWS, MAX_CHUNK, row_multiple
 from .notice import compiling
 from .packed_weights import column_ordered
 
@@ -32,7 +34,7 @@ _DTYPES = ("float32", "float64")
 _local = threading.local()
 
 
-def scratch(name: str, size: int, dtype_name: str) -> tuple:
+def _scratch(name: str, size: int, dtype_name: str) -> tuple:
     """``(address, length)`` of a reusable 1-D scratch array of at least ``size``
     elements, per Python thread (fresh pages on every call would cost a page fault
     per 4 KiB).  The array lives until a larger one replaces it."""
@@ -45,7 +47,7 @@ def scratch(name: str, size: int, dtype_name: str) -> tuple:
     return entry[0], entry[1]
 
 
-def table_pairs(layout, names) -> list:
+def _table_pairs(layout, names) -> list:
     """``(address, length)`` of a layout's index tables, cached on the layout (its
     tables are immutable)."""
     cache = layout._device_tables
@@ -56,7 +58,7 @@ def table_pairs(layout, names) -> list:
     return found
 
 
-def chunking(n_rows: int, dtype_name: str) -> tuple:
+def _chunking(n_rows: int, dtype_name: str) -> tuple:
     """``(rows per chunk, chunks)``: chunks of at most MAX_CHUNK rows, as equal as the
     tile height allows."""
     multiple = row_multiple(dtype_name)
@@ -69,7 +71,7 @@ _programs: dict = {}
 RUNS_PER_THREAD = 4   # direct forward: each thread takes about this many runs of columns
 
 
-def program(kind: str, dtype_name: str, B: int, packed: bool):
+def _program(kind: str, dtype_name: str, B: int, packed: bool):
     """The compiled program (built on first use, announced if that takes a while)."""
     key = (kind, dtype_name, B, packed)
     found = _programs.get(key)
@@ -87,7 +89,7 @@ _ENTRY_TABLES = ("entry_rows", "entry_cols", "entry_slots")
 _NO_TABLES = [(0, 0)] * 3
 
 
-def run_forward(x, w, tables, nnz, B, y, dtype_name, itemsize, bias=None):
+def _run_forward(x, w, tables, nnz, B, y, dtype_name, itemsize, bias=None):
     """``y = x @ W (+ bias)``.  ``x``, ``w``, ``y``, ``bias``: numpy arrays or torch CPU
     tensors (C-contiguous); ``tables``: ``(address, length)`` of col_ptr, col_rows,
     col_slots."""
@@ -97,11 +99,11 @@ def run_forward(x, w, tables, nnz, B, y, dtype_name, itemsize, bias=None):
         return
     live = nnz * B * B
     threads = runtime.threads_for(2.0 * n * live, live * itemsize)
-    none = scratch("none", 1, dtype_name)
+    none = _scratch("none", 1, dtype_name)
     if n >= DIRECT_ROWS:
-        ncp, n_chunks = chunking(n, dtype_name)
-        xp = scratch("xp", n_chunks * ncp * c, dtype_name)
-        tiles = scratch("tiles", threads * ncp * B, dtype_name)
+        ncp, n_chunks = _chunking(n, dtype_name)
+        xp = _scratch("xp", n_chunks * ncp * c, dtype_name)
+        tiles = _scratch("tiles", threads * ncp * B, dtype_name)
     else:
         ncp = n_chunks = 0
         xp = tiles = none
@@ -109,13 +111,13 @@ def run_forward(x, w, tables, nnz, B, y, dtype_name, itemsize, bias=None):
     block, address = make_block([pair(x), pair(w), *tables, pair(y), xp, tiles,
                                  none if bias is None else pair(bias)],
                                 (n, c, k, ncp, n_chunks, threads, int(bias is not None), run))
-    runtime.launch(program("forward", dtype_name, B, n >= DIRECT_ROWS), address, threads)
+    runtime._launch(_program("forward", dtype_name, B, n >= DIRECT_ROWS), address, threads)
 
 
-def run_backward(x, dy, w, row_tables, entry_tables, nnz, B, dx, dw, dtype_name, itemsize):
+def _run_backward(x, dy, w, row_tables, entry_tables, nnz, B, dx, dw, dtype_name, itemsize):
     """``dx = dy @ W.T`` (when ``dx`` is not None: needs ``w`` and the by-row tables)
     and ``dw[s] = x_i.T @ dy_j`` at the live slots (when ``dw`` is not None: needs
-    ``x`` and the entry tables; other slots untouched).  Tables as in :func:`run_forward`."""
+    ``x`` and the entry tables; other slots untouched).  Tables as in :func:`_run_forward`."""
     n, k = dy.shape
     want_dx, want_dw = dx is not None, dw is not None
     if n == 0:
@@ -123,13 +125,13 @@ def run_backward(x, dy, w, row_tables, entry_tables, nnz, B, dx, dw, dtype_name,
     c = dx.shape[1] if want_dx else x.shape[1]
     live = nnz * B * B * (int(want_dx) + int(want_dw))
     threads = runtime.threads_for(2.0 * n * live, live * itemsize)
-    none = scratch("none", 1, dtype_name)
+    none = _scratch("none", 1, dtype_name)
     if n >= DIRECT_ROWS:
-        ncp, n_chunks = chunking(n, dtype_name)
-        xp = scratch("xp", n_chunks * ncp * c, dtype_name) if want_dw else none
-        dyp = scratch("dyp", n_chunks * ncp * k, dtype_name) if want_dw else none
-        dyt = scratch("dyt", n_chunks * ncp * k, dtype_name) if want_dx else none
-        tiles = scratch("tiles", threads * ncp * B, dtype_name) if want_dx else none
+        ncp, n_chunks = _chunking(n, dtype_name)
+        xp = _scratch("xp", n_chunks * ncp * c, dtype_name) if want_dw else none
+        dyp = _scratch("dyp", n_chunks * ncp * k, dtype_name) if want_dw else none
+        dyt = _scratch("dyt", n_chunks * ncp * k, dtype_name) if want_dx else none
+        tiles = _scratch("tiles", threads * ncp * B, dtype_name) if want_dx else none
     else:
         ncp = n_chunks = 0
         xp = dyp = dyt = tiles = none
@@ -138,23 +140,23 @@ def run_backward(x, dy, w, row_tables, entry_tables, nnz, B, dx, dw, dtype_name,
          *(row_tables if want_dx else _NO_TABLES), *(entry_tables if want_dw else _NO_TABLES),
          pair(dx) if want_dx else none, pair(dw) if want_dw else none, xp, dyp, dyt, tiles],
         (n, c, k, ncp, n_chunks, threads, int(want_dx), int(want_dw)))
-    runtime.launch(program("backward", dtype_name, B, n >= DIRECT_ROWS), address, threads)
+    runtime._launch(_program("backward", dtype_name, B, n >= DIRECT_ROWS), address, threads)
 
 
-def layout_forward(x, w, layout, B, y, dtype_name, itemsize, bias=None):
-    """:func:`run_forward` with a :class:`~numbasparse.layout.BlockLayout`'s tables
+def _layout_forward(x, w, layout, B, y, dtype_name, itemsize, bias=None):
+    """:func:`_run_forward` with a :class:`~numbasparse.layout.BlockLayout`'s tables
     (torch tensors; with few rows, on a column-ordered copy of an unchanged weight)."""
-    tables = table_pairs(layout, _COL_TABLES)
+    tables = _table_pairs(layout, _COL_TABLES)
     if x.shape[0] < DIRECT_ROWS and hasattr(w, "_version"):   # a torch tensor
         w, col_slots = column_ordered(w, layout)
         if col_slots is not layout.col_slots:
             tables = [tables[0], tables[1], pair(col_slots)]
-    run_forward(x, w, tables, layout.nnz, B, y, dtype_name, itemsize, bias)
+    _run_forward(x, w, tables, layout.nnz, B, y, dtype_name, itemsize, bias)
 
 
-def layout_backward(x, dy, w, layout, B, dx, dw, dtype_name, itemsize):
-    """:func:`run_backward` with a :class:`~numbasparse.layout.BlockLayout`'s tables."""
-    run_backward(x, dy, w, table_pairs(layout, _ROW_TABLES), table_pairs(layout, _ENTRY_TABLES), layout.nnz, B,
+def _layout_backward(x, dy, w, layout, B, dx, dw, dtype_name, itemsize):
+    """:func:`_run_backward` with a :class:`~numbasparse.layout.BlockLayout`'s tables."""
+    _run_backward(x, dy, w, _table_pairs(layout, _ROW_TABLES), _table_pairs(layout, _ENTRY_TABLES), layout.nnz, B,
                  dx, dw, dtype_name, itemsize)
 
 
@@ -166,7 +168,7 @@ def forward(x, w, col_ptr, col_rows, col_slots, block_size, y):
     _rows_match("y", y, n)
     k = _matrix("y", y, B)[1]
     _check_tables("col", col_ptr, col_rows, col_slots, k // B, c // B, w.shape[0])
-    run_forward(x, w, [pair(col_ptr), pair(col_rows), pair(col_slots)], col_rows.shape[0], B, y, dtype_name,
+    _run_forward(x, w, [pair(col_ptr), pair(col_rows), pair(col_slots)], col_rows.shape[0], B, y, dtype_name,
                 x.itemsize)
 
 
@@ -177,7 +179,7 @@ def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx):
     _rows_match("dx", dx, n)
     c = _matrix("dx", dx, B)[1]
     _check_tables("row", row_ptr, row_cols, row_slots, c // B, k // B, w.shape[0])
-    run_backward(None, dy, w, [pair(row_ptr), pair(row_cols), pair(row_slots)], None, row_cols.shape[0], B, dx,
+    _run_backward(None, dy, w, [pair(row_ptr), pair(row_cols), pair(row_slots)], None, row_cols.shape[0], B, dx,
                  None, dtype_name, dy.itemsize)
 
 
@@ -191,7 +193,7 @@ def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw):
     if n == 0:
         dw[entry_slots] = 0
         return
-    run_backward(x, dy, None, None, [pair(entry_rows), pair(entry_cols), pair(entry_slots)], entry_rows.shape[0],
+    _run_backward(x, dy, None, None, [pair(entry_rows), pair(entry_cols), pair(entry_slots)], entry_rows.shape[0],
                  B, None, dw, dtype_name, x.itemsize)
 
 

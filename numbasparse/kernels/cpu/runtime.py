@@ -33,7 +33,7 @@ import threading
 
 import torch
 
-__all__ = ["launch", "threads_for", "get_num_threads", "set_num_threads", "backend_name"]
+__all__ = ["threads_for", "get_num_threads", "set_num_threads", "backend_name"]
 
 #: Below this much work a kernel runs on the calling thread only.  Work is counted in
 #: floating-point operations plus ``BYTE_WEIGHT`` per byte of weights streamed (a
@@ -167,7 +167,7 @@ def _callable(program):
     return fn
 
 
-def launch(program, address: int, threads: int) -> None:
+def _launch(program, address: int, threads: int) -> None:
     """Run ``program`` (a cfunc ``void(void*)``) on the argument block at ``address``
     with ``threads`` threads.
 
