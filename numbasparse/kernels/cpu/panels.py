@@ -19,8 +19,7 @@ import numpy as np
 from numba import njit
 
 from . import VECTOR_BYTES
-from .simd import prefetch, vload, vstore, vzero
-from .tiles import transpose_tile
+from .simd import prefetch, transpose_copy, vload, vstore, vzero
 
 GROUP = 4            # live blocks whose weights a tile sweep keeps in L1
 PREFETCH_BLOCKS = 2  # direct forward: weight blocks requested this far ahead of use
@@ -73,7 +72,7 @@ def pack_transposed(a, at, ch, blk, N, width, NCp, B, RV, VL, zero):
         sub = dst + (r0 // RV) * B * RV + r0 % RV
         if B >= VL and r0 + VL <= valid:
             for c0 in range(0, B, VL):
-                transpose_tile(a, (n0 + r0) * width + blk * B + c0, width, at, sub + c0 * RV, RV, VL)
+                transpose_copy(a, (n0 + r0) * width + blk * B + c0, width, at, sub + c0 * RV, RV, VL)
         else:
             for r in range(r0, r0 + VL):
                 for c in range(B):
@@ -88,7 +87,7 @@ def unpack_transposed(tile, out, row0, col0, width, first, last, B, RV, VL):
         sub = (r0 // RV) * B * RV + r0 % RV
         if B >= VL and r0 + VL <= last:
             for c0 in range(0, B, VL):
-                transpose_tile(tile, sub + c0 * RV, RV, out, (row0 + r0) * width + col0 + c0, width, VL)
+                transpose_copy(tile, sub + c0 * RV, RV, out, (row0 + r0) * width + col0 + c0, width, VL)
         else:
             for r in range(r0, min(r0 + VL, last)):
                 for c in range(B):

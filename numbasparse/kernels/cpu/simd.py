@@ -13,7 +13,9 @@ module adds a small set of intrinsics, each a few lines of LLVM IR:
 * ``prefetch(a, i, locality)``: a cache hint for the line holding ``a[i]``;
 * ``fetch_add(a, i, v)``, ``atomic_load(a, i)``: sequentially consistent atomics
   on an int64 array, for sharing work between threads;
-* ``address_as_voidptr(addr)``: an integer address as a ``void*`` for ``numba.carray``.
+* ``address_as_voidptr(addr)``: an integer address as a ``void*`` for ``numba.carray``;
+* ``transpose_copy(src, s0, s_ld, dst, d0, d_ld, n)``: an ``n x n`` tile copied
+  transposed through registers.
 
 ``lanes`` must be a compile-time constant (a literal, or a constant propagated into
 an ``inline="always"`` function).  None of these check bounds: callers index inside
@@ -28,7 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 __all__ = ["Vector", "vload", "vstore", "vsplat", "vzero", "vfma", "vadd", "vsum", "prefetch",
-           "fetch_add", "atomic_load", "address_as_voidptr"]
+           "fetch_add", "atomic_load", "address_as_voidptr", "transpose_copy"]
 
 
 class Vector(types.Type):
@@ -220,61 +222,53 @@ def address_as_voidptr(typingctx, address):
     return types.voidptr(address), codegen
 
 
-@intrinsic
-def vgather(typingctx, array, index, stride, lanes):
-    """``array[index + l*stride]`` for lanes ``l`` (a strided gather load)."""
-    if not isinstance(array, types.Array) or _lanes(lanes) is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        count = _lanes(sig.args[3])
-        base = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        vector_type = context.get_value_type(sig.return_type)
-        i64 = ir.IntType(64)
-        step = builder.mul(context.cast(builder, args[2], sig.args[2], types.int64),
-                           ir.Constant(i64, context.get_abi_sizeof(vector_type.element)))
-        lane_index = ir.Constant(ir.VectorType(i64, count), list(range(count)))
-        addresses = builder.add(_splat(builder, builder.ptrtoint(base, i64), ir.VectorType(i64, count)),
-                                builder.mul(_splat(builder, step, ir.VectorType(i64, count)), lane_index))
-        pointers = builder.inttoptr(addresses, ir.VectorType(base.type, count))
-        mask = ir.Constant(ir.VectorType(ir.IntType(1), count), [1] * count)
-        bits = 64 if isinstance(vector_type.element, ir.DoubleType) else 32
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vector_type, [pointers.type, ir.IntType(32), mask.type, vector_type]),
-            f"llvm.masked.gather.v{count}f{bits}.v{count}p0f{bits}")
-        return builder.call(fn, [pointers, ir.Constant(ir.IntType(32), context.get_abi_sizeof(vector_type.element)),
-                                 mask, ir.Constant(vector_type, ir.Undefined)])
-
-    return Vector(array.dtype, _lanes(lanes))(array, index, stride, lanes), codegen
+def _transpose_vectors(builder, vectors):
+    """The columns of the square tile whose rows are ``vectors`` (n vectors of n lanes):
+    log2(n) stages of two-source shuffles, each swapping the off-diagonal sub-blocks of
+    a pair of rows."""
+    n = len(vectors)
+    vectors = list(vectors)
+    i32 = ir.IntType(32)
+    size = n // 2
+    while size >= 1:
+        low = ir.Constant(ir.VectorType(i32, n), [j if not j & size else n + j - size for j in range(n)])
+        high = ir.Constant(ir.VectorType(i32, n), [j + size if not j & size else n + j for j in range(n)])
+        for i in range(n):
+            if not i & size:
+                a, b = vectors[i], vectors[i + size]
+                vectors[i] = builder.shuffle_vector(a, b, low)
+                vectors[i + size] = builder.shuffle_vector(a, b, high)
+        size //= 2
+    return vectors
 
 
 @intrinsic
-def vtranspose(typingctx, rows):
-    """Transpose a square tile: ``rows`` is a tuple of ``n`` vectors of ``n`` lanes
-    (row ``i`` = ``rows[i]``); returns the tuple of its columns.  ``log2(n)`` stages of
-    two-source shuffles, each swapping the off-diagonal sub-blocks of a pair of rows."""
-    if not (isinstance(rows, types.UniTuple) and isinstance(rows.dtype, Vector) and rows.count == rows.dtype.lanes):
+def transpose_copy(typingctx, src, s0, s_ld, dst, d0, d_ld, n):
+    """``dst[d0 + c*d_ld + r] = src[s0 + r*s_ld + c]`` for ``r, c < n`` (a power of two,
+    compile-time constant): n vector loads, an in-register transpose, n vector stores."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype):
         return None
-    n = rows.count
-    if n & (n - 1):
+    count = _lanes(n)
+    if count is None or count < 2 or count & (count - 1):
         return None
 
     def codegen(context, builder, sig, args):
-        vectors = [builder.extract_value(args[0], i) for i in range(n)]
-        i32 = ir.IntType(32)
-        size = n // 2
-        while size >= 1:
-            low = ir.Constant(ir.VectorType(i32, n), [j if not j & size else n + j - size for j in range(n)])
-            high = ir.Constant(ir.VectorType(i32, n), [j + size if not j & size else n + j for j in range(n)])
-            for i in range(n):
-                if not i & size:
-                    a, b = vectors[i], vectors[i + size]
-                    vectors[i] = builder.shuffle_vector(a, b, low)
-                    vectors[i + size] = builder.shuffle_vector(a, b, high)
-            size //= 2
-        out = ir.Constant(context.get_value_type(sig.return_type), ir.Undefined)
-        for i, v in enumerate(vectors):
-            out = builder.insert_value(out, v, i)
-        return out
+        element = context.get_value_type(sig.args[0].dtype)
+        vector_ptr = ir.VectorType(element, count).as_pointer()
+        align = context.get_abi_sizeof(element)
 
-    return rows(rows), codegen
+        def row_pointer(array_type, array, base, base_type, stride, stride_type, r):
+            offset = builder.add(context.cast(builder, base, base_type, types.intp),
+                                 builder.mul(context.cast(builder, stride, stride_type, types.intp),
+                                             ir.Constant(ir.IntType(64), r)))
+            return builder.bitcast(_element_pointer(context, builder, array_type, array, offset, types.intp),
+                                   vector_ptr)
+
+        rows = [builder.load(row_pointer(sig.args[0], args[0], args[1], sig.args[1], args[2], sig.args[2], r),
+                             align=align) for r in range(count)]
+        for c, column in enumerate(_transpose_vectors(builder, rows)):
+            builder.store(column, row_pointer(sig.args[3], args[3], args[4], sig.args[4], args[5], sig.args[5], c),
+                          align=align)
+        return context.get_dummy_value()
+
+    return types.none(src, s0, s_ld, dst, d0, d_ld, n), codegen

@@ -22,10 +22,9 @@ and the single-row ``1x2``/``1x1`` used when there are too few rows to pack.
 """
 from __future__ import annotations
 
-from numba import njit, types
-from numba.extending import overload
+from numba import njit
 
-from .simd import vfma, vload, vsplat, vstore, vtranspose, vzero
+from .simd import vfma, vload, vsplat, vstore, vzero
 
 _INLINE = {"inline": "always", "cache": True}
 
@@ -189,13 +188,6 @@ def zero_8x1(sample, L):
 
 
 @njit(**_INLINE)
-def load_8x1(src, off, ld, L):
-    return (vload(src, off, L), vload(src, off + ld, L), vload(src, off + 2 * ld, L), vload(src, off + 3 * ld, L),
-            vload(src, off + 4 * ld, L), vload(src, off + 5 * ld, L), vload(src, off + 6 * ld, L),
-            vload(src, off + 7 * ld, L))
-
-
-@njit(**_INLINE)
 def store_8x1(acc, dst, off, ld, L):
     vstore(dst, off, acc[0])
     vstore(dst, off + ld, acc[1])
@@ -249,22 +241,3 @@ def mma_1x1(c0, c1, a, a0, aks, b, b0, bks, klen, L):
         c0 = vfma(vsplat(a, a0 + k * aks, L), vload(b, b0 + k * bks, L), c0)
     return c0, c1
 
-
-# ----------------------------------------------------------------- transposes
-def transpose_tile(src, s0, s_ld, dst, d0, d_ld, n):
-    """``dst[d0 + c*d_ld + r] = src[s0 + r*s_ld + c]`` for ``r, c < n`` (n = 8 or 16,
-    a compile-time constant): ``n`` vector loads, an in-register transpose, ``n``
-    vector stores."""
-
-
-@overload(transpose_tile, inline="always")
-def _transpose_tile(src, s0, s_ld, dst, d0, d_ld, n):
-    if not isinstance(n, types.IntegerLiteral) or n.literal_value not in (8, 16):
-        return None
-    if n.literal_value == 16:
-        def impl(src, s0, s_ld, dst, d0, d_ld, n):
-            store_16x1(vtranspose(load_16x1(src, s0, s_ld, 16)), dst, d0, d_ld, 16)
-    else:
-        def impl(src, s0, s_ld, dst, d0, d_ld, n):
-            store_8x1(vtranspose(load_8x1(src, s0, s_ld, 8)), dst, d0, d_ld, 8)
-    return impl
