@@ -68,7 +68,7 @@ def main(argv=None):
                    help="threads for torch and the kernels (default: torch's current setting)")
     p.add_argument("--quick", action="store_true",
                    help="small grid in under a minute: batch 1 and 256, block 32 and 8, density 0.5 and 0.1, "
-                        "conv block 32, the overhead and model rows")
+                        "conv block 32, the overhead and model rows; no peers")
     p.add_argument("--no-conv", action="store_true", help="skip the convolution rows")
     p.add_argument("--no-peers", action="store_true",
                    help="time only numbasparse and dense torch (skip masked dense and torch BSR)")
@@ -89,10 +89,12 @@ def main(argv=None):
     batches, blocks, densities = args.batch, args.block, args.density
     conv_blocks = (16, 32)
     model_densities = (0.25, 0.1)
+    peers = not args.no_peers
     if args.quick:
         batches, blocks, densities, conv_blocks, model_densities = [1, 256], [32, 8], [0.5, 0.1], (32,), (0.1,)
+        peers = False
     result = run(args.device, args.hidden, tuple(batches), tuple(blocks), tuple(densities), args.repeats,
-                 args.threads, conv=not args.no_conv, peers=not args.no_peers, conv_block_sizes=conv_blocks,
+                 args.threads, conv=not args.no_conv, peers=peers, conv_block_sizes=conv_blocks,
                  layers=not args.no_layers, model_densities=model_densities)
     info = result["info"]
     print(f"# numbasparse bench: {info.get('gpu', info['cpu'])}, {info['threads']} threads, "

@@ -89,9 +89,10 @@ def matmul_rows(device="cpu", hidden=4096, batches=(32, 256), block_sizes=(8, 16
     """Time every (batch, block, density) case; returns a list of row dicts with keys
     op, impl, batch, hidden, block, density, ms, gflops, speedup_vs_dense.
 
-    Within a case every implementation of an op (dense torch included) is timed in
-    interleaved rounds, and each row's speedup is against the dense time of the same
-    rounds.  The dense rows report the median over all cases of their batch.
+    Within a case numbasparse and dense torch are timed in interleaved rounds, then the
+    peers (masked dense, torch BSR) with dense torch in rounds of their own; each row's
+    speedup is against the dense time of its rounds.  The dense rows report the median
+    over all cases of their batch (from numbasparse's rounds).
     """
     progress = progress or (lambda what: None)
     rows = []
@@ -116,15 +117,23 @@ def matmul_rows(device="cpu", hidden=4096, batches=(32, 256), block_sizes=(8, 16
                     if layout.nnz:
                         cases["torch BSR"] = _bsr_cases(x, dy, masked, block)
                 for op in ops:
-                    fns = {"dense torch": dense[op]}
-                    fns.update({impl: impl_ops[op] for impl, impl_ops in cases.items() if op in impl_ops})
-                    progress(f"{op:<11} batch {batch} block {block} density {density}: {', '.join(fns)}")
-                    ms = interleaved_ms(fns, device, repeats)
+                    peer_fns = {impl: impl_ops[op] for impl, impl_ops in cases.items()
+                                if impl != "numbasparse" and op in impl_ops}
+                    progress(f"{op:<11} batch {batch} block {block} density {density}: "
+                             f"{', '.join(['dense torch', 'numbasparse', *peer_fns])}")
+                    # peers in rounds of their own: a peer that allocates a dense weight per
+                    # call (masked dense) would otherwise slow down its neighbours' timings
+                    ms = interleaved_ms({"dense torch": dense[op], "numbasparse": cases["numbasparse"][op]},
+                                        device, repeats)
                     dense_samples[op].append(ms["dense torch"])
-                    for impl in fns:
-                        if impl != "dense torch":
-                            rows.append(_row(op, impl, batch, hidden, block, density, ms[impl],
-                                             ms["dense torch"], _flops(op, batch, hidden, live)))
+                    flops = _flops(op, batch, hidden, live)
+                    rows.append(_row(op, "numbasparse", batch, hidden, block, density, ms["numbasparse"],
+                                     ms["dense torch"], flops))
+                    if peer_fns:
+                        peer_ms = interleaved_ms({"dense torch": dense[op], **peer_fns}, device, repeats)
+                        for impl in peer_fns:
+                            rows.append(_row(op, impl, batch, hidden, block, density, peer_ms[impl],
+                                             peer_ms["dense torch"], flops))
         rows[first_row:first_row] = [
             _row(op, "dense torch", batch, hidden, None, 1.0, statistics.median(dense_samples[op]),
                  statistics.median(dense_samples[op]), _flops(op, batch, hidden, hidden * hidden))

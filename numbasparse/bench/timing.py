@@ -38,22 +38,36 @@ def median_ms(fn, device: str = "cpu", repeats: int = 5, warmup: int = 1) -> flo
 
 
 def interleaved_ms(fns: dict, device: str = "cpu", repeats: int = 5, warmup: int = 1,
-                   budget_s: float = 4.0) -> dict:
+                   budget_s: float = 4.0, short_s: float = 0.25, max_rounds: int = 60) -> dict:
     """Median milliseconds of each function in ``fns``, timed in interleaved rounds
     (one run of each per round), so that a machine whose speed drifts during the run
-    (turbo, other processes) shifts every implementation alike.  Rounds stop after
-    ``repeats``, or earlier once ``budget_s`` is spent and at least 3 rounds are done.
+    (turbo, other processes) shifts every implementation alike.
+
+    Each function is first run ``warmup`` times, and more while its warm-up has taken
+    under ``short_s / 4`` seconds (at most 20 runs): sub-millisecond calls take a few
+    dozen runs to reach their steady state (caches, threads, first-use copies).
+    Rounds stop after ``repeats``, or earlier once ``budget_s`` is spent and at least 3
+    rounds are done; while all rounds so far took less than ``short_s`` in total they
+    continue (up to ``max_rounds``), so that fast calls get enough samples.
     """
     for fn in fns.values():
-        for _ in range(warmup):
+        started = time.perf_counter()
+        runs = 0
+        while runs < warmup or (runs < 20 and time.perf_counter() - started < short_s / 4):
             fn()
+            runs += 1
     synchronize(device)
     samples = {name: [] for name in fns}
     started = time.perf_counter()
-    for round_ in range(repeats):
+    round_ = 0
+    while round_ < max_rounds:
         for name, fn in fns.items():
             samples[name].append(median_ms(fn, device, repeats=1, warmup=0))
-        if round_ >= 2 and time.perf_counter() - started > budget_s:
+        round_ += 1
+        elapsed = time.perf_counter() - started
+        if round_ >= repeats and elapsed >= short_s:
+            break
+        if round_ >= 3 and elapsed > budget_s:
             break
     return {name: statistics.median(values) for name, values in samples.items()}
 

@@ -32,17 +32,23 @@ _DTYPES = ("float32", "float64")
 
 # ------------------------------------------------------------------ scratch
 _local = threading.local()
+ALIGN = 64   # bytes: a cache line
 
 
 def _scratch(name: str, size: int, dtype_name: str) -> tuple:
     """``(address, length)`` of a reusable 1-D scratch array of at least ``size``
     elements, per Python thread (fresh pages on every call would cost a page fault
-    per 4 KiB).  The array lives until a larger one replaces it."""
+    per 4 KiB).  It starts on a 64-byte boundary, so that vector loads from it never
+    straddle two cache lines (numpy only promises 16).  It lives until a larger one
+    replaces it."""
     buffers = _local.__dict__.setdefault("buffers", {})
     key = (name, dtype_name)
     entry = buffers.get(key)
     if entry is None or entry[1] < size:
-        buf = np.empty(max(int(size), 1), dtype=dtype_name)
+        itemsize = np.dtype(dtype_name).itemsize
+        raw = np.empty(max(int(size), 1) + ALIGN // itemsize, dtype=dtype_name)
+        start = (-raw.__array_interface__["data"][0] % ALIGN) // itemsize
+        buf = raw[start:start + max(int(size), 1)]
         entry = buffers[key] = (buf.__array_interface__["data"][0], buf.size, buf)
     return entry[0], entry[1]
 
