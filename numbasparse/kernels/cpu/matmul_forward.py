@@ -10,8 +10,12 @@ compile-time constants) and compiled once (numba's cache).
 How threads map to data (tasks handed out by an atomic counter, :mod:`.runtime`):
 
 * packed program, task ``(chunk, j)``: ``y[rows of chunk, jB:(j+1)B]``, after the
-  packing tasks (one per x panel) are done: a sweep (:mod:`.sweep`) of the chunk's
-  x panels against the weight blocks of column ``j``.
+  packing tasks (one per x panel) are done.  Register tiles of rows x output columns
+  (``8x2`` vectors, or ``16x1`` for one-vector blocks) sweep the chunk; the live
+  blocks of column ``j`` are taken ``GROUP`` at a time, so a group's weight blocks stay
+  in L1 while the whole chunk streams past them (the next group's are prefetched
+  meanwhile); partial sums wait in a per-thread tile between groups, and the last
+  group writes ``y`` straight from registers.
 * direct program (fewer than ``DIRECT_ROWS`` rows: nothing worth packing), task = a
   run of output block columns: one row at a time, each weight block streamed once
   (the batch-1 regime, bound by memory).
@@ -24,10 +28,10 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from .args import JOINED, NEXT_TASK, PACKED, array_arg, scalar_arg
-from .panels import PREFETCH_BLOCKS, fill_rows, geometry, pack_rows
+from .panels import GROUP, PREFETCH_BLOCKS, copy_rows, fill_rows, geometry, pack_rows, prefetch_part
 from .simd import atomic_load, fetch_add, prefetch, vadd, vload, vstore, vzero
-from .sweep import finish_tail, sweep_8x2, sweep_16x1
-from .tiles import mma_1x1, mma_1x2
+from .tiles import (load_8x2, load_16x1, mma_1x1, mma_1x2, mma_8x2, mma_16x1, rows_8x2, rows_16x1, store_8x2,
+                    store_16x1, zero_8x2, zero_16x1)
 
 _SIGNATURE = types.void(types.voidptr)
 
@@ -92,15 +96,47 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                     if e_beg == e_end:
                         fill_rows(y, n0 * K + j * B, K, valid, B, L, NV, bias, j * B, has_bias, DT(0))
                     else:
-                        out0 = n0 * K + j * B
-                        if NV == 1:
-                            sweep_16x1(y, out0, K, valid, xp, nbi, ch, NCp, e_beg, e_end, rows, slots, w, bias,
-                                       j * B, has_bias, tile, B, L, LINE, DT(0))
-                        else:
-                            for half in range(HALVES):
-                                sweep_8x2(y, out0, K, valid, xp, nbi, ch, NCp, e_beg, e_end, rows, slots, w, bias,
-                                          j * B, has_bias, tile, half * 2 * L, B, L, LINE, DT(0))
-                        finish_tail(tile, y, out0, K, valid, MR, B, L, NV)
+                        for half in range(HALVES):
+                            coff = half * 2 * L
+                            e0 = e_beg
+                            while e0 < e_end:
+                                e1 = min(e0 + GROUP, e_end)
+                                e2 = min(e1 + GROUP, e_end)
+                                for r in range(0, NCp, MR):
+                                    if half == 0:
+                                        prefetch_part(w, slots, e1, e2, r // MR, NCp // MR, BB, LINE)
+                                    if NV == 1:
+                                        if e0 != e_beg:
+                                            acc = load_16x1(tile, r * B, B, L)
+                                        elif has_bias:
+                                            acc = rows_16x1(bias, j * B, L)
+                                        else:
+                                            acc = zero_16x1(DT(0), L)
+                                        for e in range(e0, e1):
+                                            acc = mma_16x1(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
+                                                           w, slots[e] * BB, B, B, L)
+                                        if e1 == e_end and r + MR <= valid:
+                                            store_16x1(acc, y, (n0 + r) * K + j * B, K, L)
+                                        else:
+                                            store_16x1(acc, tile, r * B, B, L)
+                                    else:
+                                        if e0 != e_beg:
+                                            acc = load_8x2(tile, r * B + coff, B, L)
+                                        elif has_bias:
+                                            acc = rows_8x2(bias, j * B + coff, L)
+                                        else:
+                                            acc = zero_8x2(DT(0), L)
+                                        for e in range(e0, e1):
+                                            acc = mma_8x2(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
+                                                          w, slots[e] * BB + coff, B, B, L)
+                                        if e1 == e_end and r + MR <= valid:
+                                            store_8x2(acc, y, (n0 + r) * K + j * B + coff, K, L)
+                                        else:
+                                            store_8x2(acc, tile, r * B + coff, B, L)
+                                e0 = e1
+                        # rows of a partly valid last tile went through the tile
+                        tail = valid // MR * MR
+                        copy_rows(tile, tail * B, B, y, (n0 + tail) * K + j * B, K, valid - tail, B, L, NV)
                 t = fetch_add(block, NEXT_TASK, 1)
     else:
         @cfunc(_SIGNATURE, cache=True)
