@@ -1,4 +1,4 @@
-"""Block-sparse 2-D convolution kernels for CPUs (numba.njit, parallel).
+"""Block-sparse 2-D convolution kernels for CPUs (numba.njit).
 
 Shapes (all arrays C-contiguous, one dtype, float32 or float64):
 
@@ -48,24 +48,33 @@ copy of ``x`` per tap and write (and re-read) the output ``kh*kw`` times; packin
 taps into one reduction panel gathers each input run once per tile and writes each
 output once, with the whole ``m_j*kh*kw*B`` reduction in registers.
 
-Threading: a prange over workers (one per numba thread), each with its own scratch
-panels, taking tasks round-robin.  Every output element is written by exactly one
-task, with a fixed summation order (no atomics): results do not depend on the thread
-count.
+Threading: each kernel is a ``nogil`` task loop run by :func:`.runtime.run_tasks` on
+the calling thread and a pool of Python threads (no numba threading layer, so the
+kernels also work in forked processes); every thread takes task numbers from an atomic
+counter and works in its own slice of scratch buffers allocated by the host function.
+The kernels are compiled without numba's reference counting (``_nrt=False``: they
+allocate nothing), which keeps their inner loops free of atomic reference updates.
+Every output element is written by exactly one task, with a fixed summation order:
+results do not depend on the thread count.
 """
 import functools
 
 import numpy as np
-from numba import njit, prange, uint64
+from numba import njit, uint64
 
+from . import runtime
 from .microkernel import FASTMATH as _FASTMATH
-from .notice import compiling as _compiling
 from .microkernel import dot4x4 as _dot4x4
-from .scheduling import dynamic_schedule as _dynamic_schedule
-from .scheduling import max_workers as _max_workers
+from .notice import compiling as _compiling
+from .simd import fetch_add
 
+__all__ = ["forward", "backward_data", "backward_weight", "BLOCK_SIZES"]
+
+BLOCK_SIZES = (8, 16, 32)
 PIXEL_TILE = 64      # output pixels per forward / data-gradient task
 PIXEL_CHUNK = 1024   # pixels per packed panel of the weight gradient
+WORKERS_PER_THREAD = 4  # the gather splits its pixel tiles to give every thread this many tasks
+_KERNEL = {"nogil": True, "cache": True, "_nrt": False}
 
 
 @njit(fastmath=_FASTMATH, cache=True, inline="always")
@@ -84,11 +93,12 @@ def _fill_zero(dst, d0, count):
         dst[ud + u] = 0
 
 
-@njit(parallel=True, cache=True)
-def _to_channels_last(x, out):
-    """out[n, h, w, c] = x[n, c, h, w]."""
+@njit(**_KERNEL)
+def _to_channels_last(x, out, counter):
+    """out[n, h, w, c] = x[n, c, h, w]; task = one row (n, h)."""
     n_img, chans, height, width = x.shape
-    for task in prange(n_img * height):
+    task = fetch_add(counter, 0, 1)
+    while task < n_img * height:
         n = task // height
         h = task % height
         for c0 in range(0, chans, 16):
@@ -96,10 +106,11 @@ def _to_channels_last(x, out):
             for w in range(width):
                 for c in range(c0, c1):
                     out[n, h, w, c] = x[n, c, h, w]
+        task = fetch_add(counter, 0, 1)
 
 
-@njit(parallel=True, cache=True)
-def _pack_weights(w, ptr, slots, tap_h, tap_w, tap_count, transpose, wp):
+@njit(**_KERNEL)
+def _pack_weights(w, ptr, slots, tap_h, tap_w, tap_count, transpose, wp, counter):
     """Weight panels of the gather kernel.
 
     ``wp[p, g, r, (q*nt + t)*B + u]`` is the weight joining reduction element
@@ -111,7 +122,10 @@ def _pack_weights(w, ptr, slots, tap_h, tap_w, tap_count, transpose, wp):
     bs = w.shape[3]
     phases = tap_count.shape[0]
     groups = ptr.shape[0] - 1
-    for task in prange(phases * groups):
+    while True:
+        task = fetch_add(counter, 0, 1)
+        if task >= phases * groups:
+            break
         p = task // groups
         g = task % groups
         nt = tap_count[p]
@@ -132,9 +146,18 @@ def _pack_weights(w, ptr, slots, tap_h, tap_w, tap_count, transpose, wp):
                             wp[p, g, r, col + u] = w[s, th, tw, u, r]
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _gather_conv(src, wp, ptr, other, grid_h, grid_w, phase_h, phase_w, tap_count, off_h, off_w,
-                 step_h, step_w, dst_step_h, dst_step_w, max_workers, dst):
+@njit(cache=True)
+def _gather_layout(nnz, src_blocks, max_taps, B):
+    """``(shared, ldc)``: whether the gather first builds the tile's full im2col rows
+    (many live blocks: ``nnz > 1.25 * src_blocks``), and their length."""
+    shared = nnz * 4 > src_blocks * 5
+    return shared, (src_blocks * max_taps * B if shared else 1)
+
+
+@njit(fastmath=_FASTMATH, **_KERNEL)
+def _gather_conv(src, src1, wp, ptr, other, grid_h, grid_w, phase_h, phase_w, tap_count, off_h, off_w,
+                 step_h, step_w, dst_step_h, dst_step_w, max_workers, dst, dst1, panels, flats, cols_all, cols_rows,
+                 tiles_out, dpixs, spixs, counter):
     """dst[n, gB + r, phase_h[p] + a*dst_step_h, phase_w[p] + b*dst_step_w] =
     sum over the live blocks o = other[ptr[g]:ptr[g+1]] (q-th), taps t < tap_count[p], u < B of
         src[n, a*step_h + off_h[p, t], b*step_w + off_w[p, t], oB + u] * wp[p, g, r, (q*nt + t)*B + u]
@@ -143,19 +166,23 @@ def _gather_conv(src, wp, ptr, other, grid_h, grid_w, phase_h, phase_w, tap_coun
     src ``(N, Hs, Ws, Cs)`` is channels-last; dst ``(N, groups*B, Hd, Wd)`` is NCHW.
     Phase p covers the ``grid_h[p] x grid_w[p]`` dst pixels ``(a, b)``.  Every dst
     element in some phase is written (zeros where no live block or no tap reaches it).
+    ``src1``/``dst1`` are 1-D views of src/dst.  Per-thread scratch (first index: the
+    thread), each also given as a flat view: panels ``(T, 4, lmax)`` / flats ``(T, 4*lmax)``,
+    cols_rows ``(T, PIXEL_TILE, ldc)`` / cols_all ``(T, PIXEL_TILE * ldc)`` (see
+    :func:`_gather_layout`), tiles_out ``(T, PIXEL_TILE, B)``, dpixs ``(T, PIXEL_TILE)`` and
+    spixs ``(T, PIXEL_TILE, max taps)`` int64.  (No reshapes inside: the kernel is compiled
+    without reference counting, which only allows views made by indexing.)
     """
-    # Thread/data mapping: worker w (WORKERS_PER_THREAD per numba thread, handed out one
-    # at a time, each with its own scratch panels) takes tasks w, w + workers, ...;
+    # Thread/data mapping: every thread takes task numbers from the shared counter;
     # task = ((n * phases + p) * tiles + tile) * splits + part owns dst pixels
     # [tile*PT, tile*PT + PT) of phase p (row-major over (a, b)) of image n in the channel
     # blocks g = part, part + splits, ... (splits > 1 only when there are too few pixel
-    # tiles to occupy the workers).
+    # tiles to give max_workers tasks).
     # Packing: when the live blocks are many (nnz > 1.25 * source blocks), the task first
     # gathers the tile's full im2col rows cols[i, (o*nt + t)*B + u] (every source block o,
     # B-channel runs from src) once, and each group then copies its live blocks' nt*B-long
     # runs from it; otherwise each group gathers its B-channel runs straight from src.
     n_img, src_h, src_w, src_c = src.shape
-    src1 = src.ravel()
     bs = wp.shape[2]
     lmax = wp.shape[3]
     groups = ptr.shape[0] - 1
@@ -164,8 +191,7 @@ def _gather_conv(src, wp, ptr, other, grid_h, grid_w, phase_h, phase_w, tap_coun
     max_nt = 0
     for p in range(phases):
         max_nt = max(max_nt, tap_count[p])
-    shared = other.shape[0] * 4 > src_blocks * 5
-    ldc = src_blocks * max_nt * bs if shared else 1
+    shared, ldc = _gather_layout(other.shape[0], src_blocks, max_nt, bs)
     max_pixels = 0
     for p in range(phases):
         max_pixels = max(max_pixels, grid_h[p] * grid_w[p])
@@ -175,100 +201,101 @@ def _gather_conv(src, wp, ptr, other, grid_h, grid_w, phase_h, phase_w, tap_coun
     if base_tasks < max_workers:
         splits = min(max(groups, 1), (max_workers + base_tasks - 1) // max(base_tasks, 1))
     n_tasks = base_tasks * splits
-    workers = min(max_workers, max(n_tasks, 1))
     dst_hw = dst.shape[2] * dst.shape[3]
-    dst1 = dst.ravel()
-    for worker in prange(workers):
-        panel = np.empty((4, lmax), dtype=src.dtype)
-        flat = panel.ravel()
-        cols = np.empty(PIXEL_TILE * ldc, dtype=src.dtype)
-        cols2 = cols.reshape(PIXEL_TILE, ldc)
-        tile_out = np.empty((PIXEL_TILE, bs), dtype=src.dtype)
-        dpix = np.empty(PIXEL_TILE, dtype=np.int64)
-        spix = np.empty((PIXEL_TILE, max(max_nt, 1)), dtype=np.int64)
-        for task in range(worker, n_tasks, workers):
-            part = task % splits
-            rest = task // splits
-            tile = rest % tiles
-            rest = rest // tiles
-            p = rest % phases
-            n = rest // phases
-            gw = grid_w[p]
-            npix = grid_h[p] * gw
-            p0 = tile * PIXEL_TILE
-            if p0 >= npix:
-                continue
-            rows = min(npix - p0, PIXEL_TILE)
-            nt = tap_count[p]
-            padded = (rows + 3) // 4 * 4
-            # flat source pixel offset of (row i, tap t), -1 outside; flat dst pixel of row i
+    me = fetch_add(counter, 1, 1)
+    panel = panels[me]
+    flat = flats[me]
+    cols = cols_all[me]
+    cols2 = cols_rows[me]
+    tile_out = tiles_out[me]
+    dpix = dpixs[me]
+    spix = spixs[me]
+    while True:
+        task = fetch_add(counter, 0, 1)
+        if task >= n_tasks:
+            break
+        part = task % splits
+        rest = task // splits
+        tile = rest % tiles
+        rest = rest // tiles
+        p = rest % phases
+        n = rest // phases
+        gw = grid_w[p]
+        npix = grid_h[p] * gw
+        p0 = tile * PIXEL_TILE
+        if p0 >= npix:
+            continue
+        rows = min(npix - p0, PIXEL_TILE)
+        nt = tap_count[p]
+        padded = (rows + 3) // 4 * 4
+        # flat source pixel offset of (row i, tap t), -1 outside; flat dst pixel of row i
+        for i in range(rows):
+            a = (p0 + i) // gw
+            b = (p0 + i) - a * gw
+            dpix[i] = (phase_h[p] + a * dst_step_h) * dst.shape[3] + phase_w[p] + b * dst_step_w
+            for t in range(nt):
+                hs = a * step_h + off_h[p, t]
+                ws = b * step_w + off_w[p, t]
+                if hs >= 0 and hs < src_h and ws >= 0 and ws < src_w:
+                    spix[i, t] = ((n * src_h + hs) * src_w + ws) * src_c
+                else:
+                    spix[i, t] = -1
+        if shared:
             for i in range(rows):
-                a = (p0 + i) // gw
-                b = (p0 + i) - a * gw
-                dpix[i] = (phase_h[p] + a * dst_step_h) * dst.shape[3] + phase_w[p] + b * dst_step_w
                 for t in range(nt):
-                    hs = a * step_h + off_h[p, t]
-                    ws = b * step_w + off_w[p, t]
-                    if hs >= 0 and hs < src_h and ws >= 0 and ws < src_w:
-                        spix[i, t] = ((n * src_h + hs) * src_w + ws) * src_c
+                    sp = spix[i, t]
+                    if sp >= 0:
+                        for o in range(src_blocks):
+                            _copy(cols, i * ldc + (o * nt + t) * bs, src1, sp + o * bs, bs)
                     else:
-                        spix[i, t] = -1
-            if shared:
-                for i in range(rows):
-                    for t in range(nt):
-                        sp = spix[i, t]
-                        if sp >= 0:
-                            for o in range(src_blocks):
-                                _copy(cols, i * ldc + (o * nt + t) * bs, src1, sp + o * bs, bs)
-                        else:
-                            for o in range(src_blocks):
-                                _fill_zero(cols, i * ldc + (o * nt + t) * bs, bs)
-                for i in range(rows, padded):
-                    _fill_zero(cols, i * ldc, src_blocks * nt * bs)
-            for g in range(part, groups, splits):
-                start = ptr[g]
-                m = ptr[g + 1] - start
-                length = m * nt * bs
-                out0 = (n * groups + g) * bs * dst_hw
-                if length == 0:
-                    for r in range(bs):
-                        for i in range(rows):
-                            dst1[out0 + r * dst_hw + dpix[i]] = 0
-                    continue
-                run = nt * bs
-                wpg = wp[p, g]
-                if shared and m == 1:
-                    # a single live block: its im2col run is already contiguous
-                    for i0 in range(0, padded, 4):
-                        for r in range(0, bs, 4):
-                            _dot4x4(cols2, i0, other[start] * run, wpg, r, 0, run, tile_out, i0, r, False)
-                    for r in range(bs):
-                        for i in range(rows):
-                            dst1[out0 + r * dst_hw + dpix[i]] = tile_out[i, r]
-                    continue
+                        for o in range(src_blocks):
+                            _fill_zero(cols, i * ldc + (o * nt + t) * bs, bs)
+            for i in range(rows, padded):
+                _fill_zero(cols, i * ldc, src_blocks * nt * bs)
+        for g in range(part, groups, splits):
+            start = ptr[g]
+            m = ptr[g + 1] - start
+            length = m * nt * bs
+            out0 = (n * groups + g) * bs * dst_hw
+            if length == 0:
+                for r in range(bs):
+                    for i in range(rows):
+                        dst1[out0 + r * dst_hw + dpix[i]] = 0
+                continue
+            run = nt * bs
+            wpg = wp[p, g]
+            if shared and m == 1:
+                # a single live block: its im2col run is already contiguous
                 for i0 in range(0, padded, 4):
-                    # 4 pixel rows of the reduction panel, packed into an L1-sized buffer
-                    for i in range(i0, i0 + 4):
-                        row = (i - i0) * lmax
-                        if i >= rows:
-                            _fill_zero(flat, row, length)
-                        elif shared:
-                            for q in range(m):
-                                _copy(flat, row + q * run, cols, i * ldc + other[start + q] * run, run)
-                        else:
-                            for t in range(nt):
-                                sp = spix[i, t]
-                                if sp >= 0:
-                                    for q in range(m):
-                                        _copy(flat, row + (q * nt + t) * bs, src1, sp + other[start + q] * bs, bs)
-                                else:
-                                    for q in range(m):
-                                        _fill_zero(flat, row + (q * nt + t) * bs, bs)
                     for r in range(0, bs, 4):
-                        _dot4x4(panel, 0, 0, wpg, r, 0, length, tile_out, i0, r, False)
+                        _dot4x4(cols2, i0, other[start] * run, wpg, r, 0, run, tile_out, i0, r, False)
                 for r in range(bs):
                     for i in range(rows):
                         dst1[out0 + r * dst_hw + dpix[i]] = tile_out[i, r]
+                continue
+            for i0 in range(0, padded, 4):
+                # 4 pixel rows of the reduction panel, packed into an L1-sized buffer
+                for i in range(i0, i0 + 4):
+                    row = (i - i0) * lmax
+                    if i >= rows:
+                        _fill_zero(flat, row, length)
+                    elif shared:
+                        for q in range(m):
+                            _copy(flat, row + q * run, cols, i * ldc + other[start + q] * run, run)
+                    else:
+                        for t in range(nt):
+                            sp = spix[i, t]
+                            if sp >= 0:
+                                for q in range(m):
+                                    _copy(flat, row + (q * nt + t) * bs, src1, sp + other[start + q] * bs, bs)
+                            else:
+                                for q in range(m):
+                                    _fill_zero(flat, row + (q * nt + t) * bs, bs)
+                for r in range(0, bs, 4):
+                    _dot4x4(panel, 0, 0, wpg, r, 0, length, tile_out, i0, r, False)
+            for r in range(bs):
+                for i in range(rows):
+                    dst1[out0 + r * dst_hw + dpix[i]] = tile_out[i, r]
 
 
 def _forward_taps(kh, kw, pt, pl, dil_h, dil_w):
@@ -325,27 +352,54 @@ def _max_live(ptr):
     return int(counts.max()) if counts.size else 0
 
 
+def _threads(out_elements, taps, nnz, groups, B):
+    """Threads for a pass writing ``out_elements`` values, each a reduction over the
+    group's live blocks (``nnz / groups`` on average) at ``taps`` taps."""
+    return runtime.threads_for(2.0 * out_elements * taps * B * nnz / max(groups, 1))
+
+
+def _gather(src_cl, wp, ptr, other, grid_h, grid_w, phase_h, phase_w, count, off_h, off_w, step, dst_step,
+            dst, threads):
+    """Run :func:`_gather_conv` with per-thread scratch."""
+    B = wp.shape[2]
+    max_taps = int(count.max()) if count.size else 0
+    _, ldc = _gather_layout(other.shape[0], src_cl.shape[3] // B, max_taps, B)
+    dt = src_cl.dtype
+    panels = np.empty((threads, 4, wp.shape[3]), dt)
+    cols = np.empty((threads, PIXEL_TILE, ldc), dt)
+    runtime.run_tasks(_gather_conv, (src_cl, src_cl.reshape(-1), wp, ptr, other, grid_h, grid_w, phase_h, phase_w,
+                                     count, off_h, off_w, step[0], step[1], dst_step[0], dst_step[1],
+                                     threads * WORKERS_PER_THREAD, dst, dst.reshape(-1), panels,
+                                     panels.reshape(threads, -1), cols.reshape(threads, -1), cols,
+                                     np.empty((threads, PIXEL_TILE, B), dt), np.empty((threads, PIXEL_TILE), np.int64),
+                                     np.empty((threads, PIXEL_TILE, max(max_taps, 1)), np.int64)), threads)
+
+
 @_announce_compile
 def forward(x, w, col_ptr, col_rows, col_slots, block_size, stride, padding, dilation, y):
     """y (N, K, Ho, Wo) = conv2d(x (N, C, H, W), W); every element of y is written.
 
-    ``stride = (sh, sw)``, ``padding = (pt, pl)`` (top, left), ``dilation = (dil_h, dil_w)``.
+    ``stride = (sh, sw)``, ``padding = (pt, pl)`` (top, left), ``dilation = (dil_h, dil_w)``;
+    ``y``'s spatial size sets the output grid.  Everything is checked before a kernel runs.
     """
+    B = _check(block_size, {"x": x, "w": w, "y": y}, stride, padding, dilation)
+    _check_channels(x, y, col_ptr, B, "col")
+    _check_tables("col", col_ptr, col_rows, col_slots, x.shape[1] // B, w.shape[0])
     n_img, _, height, width = x.shape
     _, kh, kw, bs, _ = w.shape
     if y.size == 0:
         return
+    threads = _threads(y.size, kh * kw, col_rows.shape[0], col_ptr.shape[0] - 1, bs)
     x_cl = np.empty((n_img, height, width, x.shape[1]), dtype=x.dtype)
-    _to_channels_last(x, x_cl)
+    runtime.run_tasks(_to_channels_last, (x, x_cl), threads)
     tap_h, tap_w, count, off_h, off_w = _forward_taps(kh, kw, padding[0], padding[1], dilation[0], dilation[1])
     groups = col_ptr.shape[0] - 1
     lmax = max(_max_live(col_ptr) * kh * kw * bs, 1)
     wp = np.empty((1, groups, bs, lmax), dtype=w.dtype)
-    _pack_weights(w, col_ptr, col_slots, tap_h, tap_w, count, False, wp)
+    runtime.run_tasks(_pack_weights, (w, col_ptr, col_slots, tap_h, tap_w, count, False, wp), threads)
     zero = np.zeros(1, np.int64)
-    with _dynamic_schedule():
-        _gather_conv(x_cl, wp, col_ptr, col_rows, np.array([y.shape[2]]), np.array([y.shape[3]]), zero, zero,
-                     count, off_h, off_w, stride[0], stride[1], 1, 1, _max_workers(), y)
+    _gather(x_cl, wp, col_ptr, col_rows, np.array([y.shape[2]]), np.array([y.shape[3]]), zero, zero, count, off_h,
+            off_w, stride, (1, 1), y, threads)
 
 
 @_announce_compile
@@ -354,101 +408,115 @@ def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, stride, paddi
 
     Every element of dx is written (exact zeros where no live block or tap reaches it).
     """
+    B = _check(block_size, {"dy": dy, "w": w, "dx": dx}, stride, padding, dilation)
+    _check_channels(dx, dy, row_ptr, B, "row")
+    _check_tables("row", row_ptr, row_cols, row_slots, dy.shape[1] // B, w.shape[0])
     n_img, _, out_h, out_w = dy.shape
     _, kh, kw, bs, _ = w.shape
     height, width = dx.shape[2], dx.shape[3]
     if dx.size == 0:
         return
+    threads = _threads(dx.size, kh * kw, row_cols.shape[0], row_ptr.shape[0] - 1, bs)
     dy_cl = np.empty((n_img, out_h, out_w, dy.shape[1]), dtype=dy.dtype)
-    _to_channels_last(dy, dy_cl)
+    runtime.run_tasks(_to_channels_last, (dy, dy_cl), threads)
     phase_h, phase_w, grid_h, grid_w, tap_h, tap_w, count, off_h, off_w = _data_phases(
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], height, width)
     groups = row_ptr.shape[0] - 1
     lmax = max(_max_live(row_ptr) * int(count.max()) * bs, 1)
     wp = np.empty((count.shape[0], groups, bs, lmax), dtype=w.dtype)
-    _pack_weights(w, row_ptr, row_slots, tap_h, tap_w, count, True, wp)
-    with _dynamic_schedule():
-        _gather_conv(dy_cl, wp, row_ptr, row_cols, grid_h, grid_w, phase_h, phase_w, count, off_h, off_w,
-                     1, 1, stride[0], stride[1], _max_workers(), dx)
+    runtime.run_tasks(_pack_weights, (w, row_ptr, row_slots, tap_h, tap_w, count, True, wp), threads)
+    _gather(dy_cl, wp, row_ptr, row_cols, grid_h, grid_w, phase_h, phase_w, count, off_h, off_w, (1, 1), stride,
+            dx, threads)
 
 
-@njit(parallel=True, cache=True)
-def _images_last(dy3, out):
-    """out[c, n*P + p] = dy3[n, c, p]: every channel's pixels of all images in one row."""
+@njit(**_KERNEL)
+def _images_last(dy3, flat, counter):
+    """flat[(c*N + n)*P + p] = dy3[n, c, p]: every channel's pixels of all images in one
+    row of ``flat`` (a 1-D view of a ``(C, N*P)`` array); task = one channel."""
     n_img, chans, n_pix = dy3.shape
-    flat = out.ravel()
-    for c in prange(chans):
+    c = fetch_add(counter, 0, 1)
+    while c < chans:
         for n in range(n_img):
             _copy(flat, (c * n_img + n) * n_pix, dy3[n, c], 0, n_pix)
+        c = fetch_add(counter, 0, 1)
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _weight_grad(x, dyt, row_ptr, row_cols, row_slots, out_h, out_w, stride_h, stride_w, pad_t, pad_l,
-                 dil_h, dil_w, max_workers, dw):
+@njit(cache=True)
+def _weight_chunk(n_rows, out_w):
+    """``(output rows, pixels)`` per packed panel of the weight gradient."""
+    rows = min(max(1, PIXEL_CHUNK // out_w), n_rows)
+    return rows, rows * out_w
+
+
+@njit(fastmath=_FASTMATH, **_KERNEL)
+def _weight_grad(x, x1, dyt, row_ptr, row_cols, row_slots, out_h, out_w, stride_h, stride_w, pad_t, pad_l,
+                 dil_h, dil_w, dw, panels, flats, counter):
     """dw[s, dh, dwi, k, c] = sum over images n and output pixels (oh, ow) of
     x[n, iB+k, oh*sh - pt + dh*dil_h, ow*sw - pl + dwi*dil_w] * dyt[jB+c, (n*Ho + oh)*Wo + ow]
-    for the live entries (i, j, s); dead slots untouched."""
-    # Thread/data mapping: worker w (as in _gather_conv) takes tasks w, w + workers, ...;
+    for the live entries (i, j, s); dead slots untouched.  ``x1`` is a 1-D view of x;
+    panels / flats: per-thread scratch ``(T, B, chunk)`` / ``(T, B*chunk)`` with ``chunk``
+    from :func:`_weight_chunk`."""
+    # Thread/data mapping: every thread takes task numbers from the shared counter;
     # task = tap * in_blocks + i owns dw[s, dh, dwi] of every live (i, j, s) of block row i
     # at tap (dh, dwi).  The reduction runs over all N*Ho*Wo output pixels (images back to
     # back, so small images still give long dot products) in chunks of whole output rows:
     # per chunk the task packs panel[k, g] = shifted x (B x pixels) once and runs the
     # micro-kernel against dyt[jB:(j+1)B, chunk] for each live j.
     n_img, chans, height, width = x.shape
-    x1 = x.ravel()
     _, kh, kw, bs, _ = dw.shape
     in_blocks = row_ptr.shape[0] - 1
     n_tasks = kh * kw * in_blocks
     n_rows = n_img * out_h               # output rows of all images
-    rows_per_chunk = min(max(1, PIXEL_CHUNK // out_w), n_rows)
-    chunk = rows_per_chunk * out_w
-    workers = min(max_workers, max(n_tasks, 1))
-    for worker in prange(workers):
-        panel = np.empty((bs, chunk), dtype=x.dtype)
-        flat = panel.ravel()
-        for task in range(worker, n_tasks, workers):
-            i = task % in_blocks
-            tap = task // in_blocks
-            dh = tap // kw
-            dwi = tap % kw
-            start = row_ptr[i]
-            stop = row_ptr[i + 1]
-            if start == stop:
-                continue
-            # output columns whose input column is inside the image: ow in [lo, hi)
-            shift_w = -pad_l + dwi * dil_w
-            lo = 0
-            while lo < out_w and lo * stride_w + shift_w < 0:
-                lo += 1
-            hi = out_w
-            while hi > lo and (hi - 1) * stride_w + shift_w >= width:
-                hi -= 1
-            for r0 in range(0, n_rows, rows_per_chunk):
-                r1 = min(n_rows, r0 + rows_per_chunk)
-                length = (r1 - r0) * out_w
-                for k in range(bs):
-                    for r in range(r0, r1):
-                        n = r // out_h
-                        oh = r - n * out_h
-                        base = k * chunk + (r - r0) * out_w
-                        ih = oh * stride_h - pad_t + dh * dil_h
-                        if ih < 0 or ih >= height:
-                            _fill_zero(flat, base, out_w)
-                            continue
-                        _fill_zero(flat, base, lo)
-                        src0 = ((n * chans + i * bs + k) * height + ih) * width + shift_w
-                        if stride_w == 1:
-                            _copy(flat, base + lo, x1, src0 + lo, hi - lo)
-                        else:
-                            for ow in range(lo, hi):
-                                flat[uint64(base + ow)] = x1[uint64(src0 + ow * stride_w)]
-                        _fill_zero(flat, base + hi, out_w - hi)
-                for e in range(start, stop):
-                    j = row_cols[e]
-                    out = dw[row_slots[e], dh, dwi]
-                    for k in range(0, bs, 4):
-                        for c in range(0, bs, 4):
-                            _dot4x4(panel, k, 0, dyt, j * bs + c, r0 * out_w, length, out, k, c, r0 > 0)
+    rows_per_chunk, chunk = _weight_chunk(n_rows, out_w)
+    me = fetch_add(counter, 1, 1)
+    panel = panels[me]
+    flat = flats[me]
+    while True:
+        task = fetch_add(counter, 0, 1)
+        if task >= n_tasks:
+            break
+        i = task % in_blocks
+        tap = task // in_blocks
+        dh = tap // kw
+        dwi = tap % kw
+        start = row_ptr[i]
+        stop = row_ptr[i + 1]
+        if start == stop:
+            continue
+        # output columns whose input column is inside the image: ow in [lo, hi)
+        shift_w = -pad_l + dwi * dil_w
+        lo = 0
+        while lo < out_w and lo * stride_w + shift_w < 0:
+            lo += 1
+        hi = out_w
+        while hi > lo and (hi - 1) * stride_w + shift_w >= width:
+            hi -= 1
+        for r0 in range(0, n_rows, rows_per_chunk):
+            r1 = min(n_rows, r0 + rows_per_chunk)
+            length = (r1 - r0) * out_w
+            for k in range(bs):
+                for r in range(r0, r1):
+                    n = r // out_h
+                    oh = r - n * out_h
+                    base = k * chunk + (r - r0) * out_w
+                    ih = oh * stride_h - pad_t + dh * dil_h
+                    if ih < 0 or ih >= height:
+                        _fill_zero(flat, base, out_w)
+                        continue
+                    _fill_zero(flat, base, lo)
+                    src0 = ((n * chans + i * bs + k) * height + ih) * width + shift_w
+                    if stride_w == 1:
+                        _copy(flat, base + lo, x1, src0 + lo, hi - lo)
+                    else:
+                        for ow in range(lo, hi):
+                            flat[uint64(base + ow)] = x1[uint64(src0 + ow * stride_w)]
+                    _fill_zero(flat, base + hi, out_w - hi)
+            for e in range(start, stop):
+                j = row_cols[e]
+                out = dw[row_slots[e], dh, dwi]
+                for k in range(0, bs, 4):
+                    for c in range(0, bs, 4):
+                        _dot4x4(panel, k, 0, dyt, j * bs + c, r0 * out_w, length, out, k, c, r0 > 0)
 
 
 @_announce_compile
@@ -457,14 +525,82 @@ def backward_weight(x, dy, row_ptr, row_cols, row_slots, block_size, stride, pad
 
     ``x (N, C, H, W)`` and ``dy (N, K, Ho, Wo)`` are NCHW.
     """
+    B = _check(block_size, {"x": x, "dy": dy, "dw": dw}, stride, padding, dilation)
+    _check_channels(x, dy, row_ptr, B, "row")
+    _check_tables("row", row_ptr, row_cols, row_slots, dy.shape[1] // B, dw.shape[0])
     if row_cols.shape[0] == 0:
         return
     n_img, k_out, out_h, out_w = dy.shape
     if n_img == 0 or out_h * out_w == 0:
         dw[np.asarray(row_slots)] = 0
         return
+    _, kh, kw, bs, _ = dw.shape
+    threads = _threads(dy.size * bs, kh * kw, row_cols.shape[0], dy.shape[1] // bs, bs)
     dyt = np.empty((k_out, n_img * out_h * out_w), dtype=dy.dtype)
-    _images_last(dy.reshape(n_img, k_out, out_h * out_w), dyt)
-    with _dynamic_schedule():
-        _weight_grad(x, dyt, row_ptr, row_cols, row_slots, out_h, out_w, stride[0], stride[1], padding[0],
-                     padding[1], dilation[0], dilation[1], _max_workers(), dw)
+    runtime.run_tasks(_images_last, (dy.reshape(n_img, k_out, out_h * out_w), dyt.reshape(-1)), threads)
+    panels = np.empty((threads, bs, _weight_chunk(n_img * out_h, out_w)[1]), dtype=x.dtype)
+    runtime.run_tasks(_weight_grad, (x, x.reshape(-1), dyt, row_ptr, row_cols, row_slots, out_h, out_w, stride[0],
+                                     stride[1], padding[0], padding[1], dilation[0], dilation[1], dw, panels,
+                                     panels.reshape(threads, -1)), threads)
+
+
+# ------------------------------------------------------------------- checks
+_DTYPES = ("float32", "float64")
+
+
+def _check(block_size, arrays, stride, padding, dilation):
+    """Block size, array types, dtypes, contiguity, ranks and the geometry numbers."""
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
+            or int(block_size) not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    B = int(block_size)
+    dtype = None
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+        if a.dtype.name not in _DTYPES:
+            raise TypeError(f"{name} has dtype {a.dtype}; supported dtypes are float32 and float64")
+        if dtype is None:
+            dtype = a.dtype
+        elif a.dtype != dtype:
+            raise TypeError("dtype mismatch: " + ", ".join(f"{n}={v.dtype}" for n, v in arrays.items()))
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+        if name in ("w", "dw"):
+            if a.ndim != 5 or a.shape[3:] != (B, B):
+                raise ValueError(f"{name} must have shape (capacity, kh, kw, {B}, {B}), got {a.shape}")
+        elif a.ndim != 4:
+            raise ValueError(f"{name} must be 4-D NCHW, got shape {a.shape}")
+    for name in ("y", "dx", "dw"):
+        if name in arrays and not arrays[name].flags.writeable:
+            raise ValueError(f"{name} is read-only")
+    for what, pair, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low
+                                 for v in pair):
+            raise ValueError(f"{what} must be a pair of integers >= {low}, got {pair!r}")
+    return B
+
+
+def _check_channels(inputs, outputs, ptr, B, kind):
+    """Channels are multiples of B and match the tables; image counts match."""
+    if inputs.shape[0] != outputs.shape[0]:
+        raise ValueError(f"image count mismatch: {inputs.shape[0]} and {outputs.shape[0]}")
+    for name, a in (("input", inputs), ("output", outputs)):
+        if a.shape[1] % B:
+            raise ValueError(f"{name} has {a.shape[1]} channels, not a multiple of block_size {B}")
+    groups = (outputs if kind == "col" else inputs).shape[1] // B
+    if len(ptr) != groups + 1:
+        raise ValueError(f"{kind}_ptr has length {len(ptr)}, expected {groups + 1} ({groups} channel blocks)")
+
+
+def _check_tables(kind, ptr, idx, slots, others, capacity):
+    for name, t in ((f"{kind}_ptr", ptr), (f"{kind} indices", idx), (f"{kind}_slots", slots)):
+        if not isinstance(t, np.ndarray) or t.ndim != 1 or t.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be a 1-D integer numpy array")
+    if slots.shape != idx.shape:
+        raise ValueError(f"{kind}_slots has length {slots.shape[0]}, expected {idx.shape[0]}")
+    if ptr[0] != 0 or ptr[-1] != idx.shape[0] or np.any(np.diff(ptr) < 0):
+        raise ValueError(f"{kind}_ptr must rise from 0 to the number of entries ({idx.shape[0]})")
+    for name, t, bound in ((f"{kind} indices", idx, others), (f"{kind}_slots", slots, capacity)):
+        if t.size and (t.min() < 0 or t.max() >= bound):
+            raise ValueError(f"{name} must lie in [0, {bound}), got values in [{t.min()}, {t.max()}]")

@@ -31,9 +31,10 @@ import glob
 import os
 import threading
 
+import numpy as np
 import torch
 
-__all__ = ["threads_for", "get_num_threads", "set_num_threads", "backend_name"]
+__all__ = ["threads_for", "get_num_threads", "set_num_threads", "backend_name", "run_tasks"]
 
 #: Below this much work a kernel runs on the calling thread only.  Work is counted in
 #: floating-point operations plus ``BYTE_WEIGHT`` per byte of weights streamed (a
@@ -122,15 +123,20 @@ def backend_name() -> str:
 
 # ----------------------------------------------------------- Python thread pool
 class _ThreadPool:
-    """Daemon threads that each run one program call at a time (GIL released)."""
+    """Daemon threads that each run one call at a time (the calls release the GIL).
+
+    ``run(call, arg, helpers)`` runs ``call(arg)`` on the calling thread and on
+    ``helpers`` pool threads at once, waits for all of them, and re-raises the first
+    exception any of them raised.
+    """
 
     def __init__(self):
         self._cond = threading.Condition()
         self._jobs = []
         self._threads = []
 
-    def run(self, call, block_address, helpers):
-        done = []
+    def run(self, call, arg, helpers):
+        errors = []
         with self._cond:
             while len(self._threads) < helpers:
                 thread = threading.Thread(target=self._loop, daemon=True, name="numbasparse-cpu")
@@ -138,20 +144,26 @@ class _ThreadPool:
                 self._threads.append(thread)
             finished = threading.Semaphore(0)
             for _ in range(helpers):
-                self._jobs.append((call, block_address, finished, done))
+                self._jobs.append((call, arg, finished, errors))
             self._cond.notify(helpers)
-        call(block_address)
-        for _ in range(helpers):
-            finished.acquire()
+        try:
+            call(arg)
+        finally:
+            for _ in range(helpers):
+                finished.acquire()
+        if errors:
+            raise errors[0]
 
     def _loop(self):
         while True:
             with self._cond:
                 while not self._jobs:
                     self._cond.wait()
-                call, block_address, finished, done = self._jobs.pop(0)
+                call, arg, finished, errors = self._jobs.pop(0)
             try:
-                call(block_address)
+                call(arg)
+            except BaseException as exc:  # reported by the caller
+                errors.append(exc)
             finally:
                 finished.release()
 
@@ -182,6 +194,19 @@ def _launch(program, address: int, threads: int) -> None:
         team(program.address, address, threads, 0)
     else:
         _pool.run(_callable(program), address, threads - 1)
+
+
+def run_tasks(fn, args, threads: int) -> None:
+    """Run ``fn(*args, counter)`` on ``threads`` threads: the calling thread and pool
+    threads.  ``fn`` is a ``numba.njit(nogil=True)`` task loop that takes task numbers
+    from ``counter[0]`` (``fetch_add``) until none are left, so any number of threads
+    may run it at once and each task runs exactly once; ``fetch_add(counter, 1, 1)``
+    gives each thread its own index below ``threads`` (for per-thread scratch)."""
+    counter = np.zeros(2, dtype=np.int64)
+    if threads <= 1:
+        fn(*args, counter)
+    else:
+        _pool.run(lambda _: fn(*args, counter), None, threads - 1)
 
 
 def _after_fork_in_child():

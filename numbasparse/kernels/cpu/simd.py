@@ -15,7 +15,9 @@ module adds a small set of intrinsics, each a few lines of LLVM IR:
   on an int64 array, for sharing work between threads;
 * ``address_as_voidptr(addr)``: an integer address as a ``void*`` for ``numba.carray``;
 * ``transpose_copy(src, s0, s_ld, dst, d0, d_ld, n)``: an ``n x n`` tile copied
-  transposed through registers.
+  transposed through registers;
+* ``native_lanes(a)``, ``vload_native(a, i)``, ``vfill_native(a, value)``: full-width
+  vectors of an array's dtype, for code that is generic over the dtype.
 
 ``lanes`` must be a compile-time constant (a literal, or a constant propagated into
 an ``inline="always"`` function).  None of these check bounds: callers index inside
@@ -30,7 +32,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 __all__ = ["Vector", "vload", "vstore", "vsplat", "vzero", "vfma", "vadd", "vsum", "prefetch",
-           "fetch_add", "atomic_load", "address_as_voidptr", "transpose_copy"]
+           "fetch_add", "atomic_load", "address_as_voidptr", "transpose_copy", "native_lanes", "vload_native",
+           "vfill_native"]
 
 
 class Vector(types.Type):
@@ -272,3 +275,51 @@ def transpose_copy(typingctx, src, s0, s_ld, dst, d0, d_ld, n):
         return context.get_dummy_value()
 
     return types.none(src, s0, s_ld, dst, d0, d_ld, n), codegen
+
+
+def _native_lanes(dtype) -> int:
+    from . import VECTOR_BYTES
+
+    return max(1, VECTOR_BYTES // (dtype.bitwidth // 8))
+
+
+@intrinsic
+def native_lanes(typingctx, array):
+    """Lanes of a full-width vector of ``array``'s dtype (a compile-time constant)."""
+    if not isinstance(array, types.Array):
+        return None
+    lanes = _native_lanes(array.dtype)
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, lanes)
+
+    return types.intp(array), codegen
+
+
+@intrinsic
+def vload_native(typingctx, array, index):
+    """``vload(array, index, native_lanes(array))``."""
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        vector_type = context.get_value_type(sig.return_type)
+        return builder.load(builder.bitcast(ptr, vector_type.as_pointer()),
+                            align=context.get_abi_sizeof(ptr.type.pointee))
+
+    return Vector(array.dtype, _native_lanes(array.dtype))(array, index), codegen
+
+
+@intrinsic
+def vfill_native(typingctx, array, value):
+    """A full-width vector of ``array``'s dtype with ``value`` in every lane."""
+    if not isinstance(array, types.Array):
+        return None
+    vt = Vector(array.dtype, _native_lanes(array.dtype))
+
+    def codegen(context, builder, sig, args):
+        scalar = context.cast(builder, args[1], sig.args[1], sig.args[0].dtype)
+        return _splat(builder, scalar, context.get_value_type(sig.return_type))
+
+    return vt(array, value), codegen
