@@ -31,10 +31,9 @@ import glob
 import os
 import threading
 
-import numpy as np
 import torch
 
-__all__ = ["threads_for", "get_num_threads", "set_num_threads", "backend_name", "run_tasks"]
+__all__ = ["threads_for", "get_num_threads", "set_num_threads", "backend_name"]
 
 #: Below this much work a kernel runs on the calling thread only.  Work is counted in
 #: floating-point operations plus ``BYTE_WEIGHT`` per byte of weights streamed (a
@@ -194,19 +193,6 @@ def _launch(program, address: int, threads: int) -> None:
         team(program.address, address, threads, 0)
     else:
         _pool.run(_callable(program), address, threads - 1)
-
-
-def run_tasks(fn, args, threads: int) -> None:
-    """Run ``fn(*args, counter)`` on ``threads`` threads: the calling thread and pool
-    threads.  ``fn`` is a ``numba.njit(nogil=True)`` task loop that takes task numbers
-    from ``counter[0]`` (``fetch_add``) until none are left, so any number of threads
-    may run it at once and each task runs exactly once; ``fetch_add(counter, 1, 1)``
-    gives each thread its own index below ``threads`` (for per-thread scratch)."""
-    counter = np.zeros(2, dtype=np.int64)
-    if threads <= 1:
-        fn(*args, counter)
-    else:
-        _pool.run(lambda _: fn(*args, counter), None, threads - 1)
 
 
 def _after_fork_in_child():
