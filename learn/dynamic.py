@@ -18,16 +18,18 @@ What an update does, for every gated layer (weights are stored per slot, gates t
 1. **Removal.** Live blocks whose keep probability ``P(z != 0)`` is below ``threshold``
    leave the layout (``layer.set_layout(layout.remove(...))``): the kernels' index
    tables get shorter, so the kernels stop computing them.  The freed slot's weight
-   block, its gradient and every optimizer state tensor shaped like the Parameter
-   (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, ...) are
-   zeroed at that slot, for the weight and for ``gate.log_alpha``; ``log_alpha`` is set
+   block and its gradient are zeroed and every optimizer state tensor that follows the
+   slots (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``, Adagrad ``sum``, Rprop
+   ``step_size``, factored moments, ...) gets the value the optimizer starts a fresh
+   parameter at (:mod:`numbasparse.optim_state`), for the weight and for
+   ``gate.log_alpha``; ``log_alpha`` is set
    to :data:`~learn.gates.DEAD_LOG_ALPHA` (-20: every sample of the gate is exactly 0)
    so that nothing read from a free slot is non-zero.  A layer always keeps at least
    one block.  With ``target_density`` and no regrowth, removals stop at
    ``ceil(target_density * total blocks)`` live blocks (lowest keep probability first).
 2. **Regrowth** (``regrow="gradient"`` or ``"random"``).  Dead blocks (not those removed at
-   this update) are revived into free slots with a zero weight, zero optimizer state and
-   a fresh gate (``log_alpha`` at the layer's ``init_keep``) until the total number of live
+   this update) are revived into free slots with a zero weight, fresh optimizer state
+   (as for removal) and a fresh gate (``log_alpha`` at the layer's ``init_keep``) until the total number of live
    blocks is back to ``target_density * total`` (or, without a target, to the count when
    the controller was created: RigL-style constant density).  The blocks to revive are
    spread over the layers in proportion to what each lost at this update.  ``"gradient"`` picks, per
@@ -36,12 +38,14 @@ What an update does, for every gated layer (weights are stored per slot, gates t
    with forward/gradient hooks armed only for that batch and averaged over DDP ranks);
    ``"random"`` picks uniformly with a generator seeded by ``(seed, update index, layer)``.
 
-Parameters never change shape, so the optimizer, DDP and checkpoints keep working while
-the masks change.  :meth:`DynamicSparsity.compact` (or ``layer.compact()``) shrinks the
-storage to the live blocks explicitly; that creates new Parameters: the controller
-remaps its optimizer's state onto them, but anything else holding the old Parameters
-(another optimizer, a DDP wrapper) must be rebuilt, and regrowth then has no free slots
-until blocks are removed again.
+Parameters never change shape during updates, so the optimizer, DDP and checkpoints
+keep working while the masks change.  :meth:`DynamicSparsity.compact` (or
+``layer.compact(optimizer)``) shrinks the storage to the live blocks explicitly, in
+place: the Parameters stay the same objects and the optimizer's per-slot state is
+gathered with them; a DDP wrapper must be rebuilt (its buckets have the old sizes),
+another optimizer with state for the layers raises at its next step, and regrowth has
+no free slots until blocks are removed again.  A checkpoint saved after compaction
+loads into a freshly built model and optimizer in the standard order.
 
 Under ``torch.distributed`` the decisions depend only on synchronized values (gate
 parameters, averaged gradients, the seed); in addition the layouts decided on rank 0
@@ -61,6 +65,7 @@ import torch
 from torch import nn
 
 from numbasparse.layout import BlockLayout
+from numbasparse.optim_state import reset_slots
 
 from .layers import block_grad_norms, gated_layers
 from .penalty import block_density, check_target_density
@@ -166,7 +171,7 @@ class DynamicSparsity:
         model: module (or DDP wrapper) containing gated layers
             (:class:`~learn.L0BlockSparseLinear`, :class:`~learn.L0BlockSparseConv2d`).
         optimizer: the ``torch.optim.Optimizer`` training the model (its per-slot state
-            is zeroed for removed/regrown blocks), or None.
+            is re-initialized for removed/regrown blocks and gathered on compaction), or None.
         every: steps between updates (int >= 1).  Updates happen after steps
             ``start + every, start + 2*every, ...`` up to ``stop``.
         threshold: remove live blocks whose keep probability ``P(z != 0)`` is below it,
@@ -378,47 +383,22 @@ class DynamicSparsity:
             if filled.size:
                 layer.gate.reset_(filled)
             for param in (layer.weight, layer.gate.log_alpha):
-                self._clear_slots(param, index.to(param.device))
+                reset_slots(param, index.to(param.device), self.optimizer)
         if after != before:
             layer.set_layout(after)
         return int(gone.sum()), int(came.sum())
 
-    def _clear_slots(self, param: torch.Tensor, index: torch.Tensor) -> None:
-        if param.grad is not None:
-            param.grad[index] = 0
-        if self.optimizer is None:
-            return
-        for value in self.optimizer.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.dim() >= 1 and value.shape == param.shape:
-                value[index] = 0
-
     # ------------------------------------------------------------- compaction
     @torch.no_grad()
     def compact(self) -> None:
-        """Shrink every gated layer's storage (weight and gates) to its live blocks and
-        move the optimizer's Parameters and per-slot state onto the new Parameters.
+        """Shrink every gated layer's storage (weight and gates) to its live blocks, in
+        place, with the optimizer's per-slot state (see :meth:`numbasparse.nn.BlockStorage.compact`).
 
-        Anything else that holds the old Parameters (another optimizer, a
-        ``DistributedDataParallel`` wrapper: re-wrap ``model.module``) must be rebuilt.
+        The Parameters stay the same objects; a ``DistributedDataParallel`` wrapper
+        must still be rebuilt (its buckets have the old sizes): re-wrap ``model.module``.
         """
         for _, layer in self.layers():
-            slots = layer.live_slots().clone()
-            old = (layer.weight, layer.gate.log_alpha)
-            layer.compact()
-            for before, now in zip(old, (layer.weight, layer.gate.log_alpha)):
-                self._remap(before, now, slots)
-
-    def _remap(self, before, now, slots) -> None:
-        if self.optimizer is None:
-            return
-        for group in self.optimizer.param_groups:
-            group["params"] = [now if p is before else p for p in group["params"]]
-        state = self.optimizer.state.pop(before, None)
-        if state is not None:
-            self.optimizer.state[now] = {
-                k: (v[slots.to(v.device)].clone() if torch.is_tensor(v) and v.dim() >= 1 and v.shape == before.shape
-                    else v)
-                for k, v in state.items()}
+            layer.compact(self.optimizer)
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict:

@@ -23,6 +23,8 @@ import numbers
 import torch
 from torch import nn
 
+from numbasparse.optim_state import gather_slots, resize_slots, track
+
 __all__ = ["HardConcreteGate", "DEAD_LOG_ALPHA", "zero_gate_probability"]
 
 #: ``log_alpha`` given to the gate of a removed block.  With the default
@@ -94,6 +96,7 @@ class HardConcreteGate(nn.Module):
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.log_alpha = nn.Parameter(torch.full((self.n,), self.init_log_alpha, device=device, dtype=dtype))
+        track(self.log_alpha, "HardConcreteGate log_alpha")
 
     # ------------------------------------------------------------------ formulas
     @property
@@ -123,6 +126,9 @@ class HardConcreteGate(nn.Module):
         ``u`` (shape ``(n,)``) defaults to :meth:`noise`."""
         if u is None:
             u = self.noise()
+        elif not isinstance(u, torch.Tensor) or tuple(u.shape) != (self.n,):
+            raise ValueError(f"u must be a tensor of shape ({self.n},), one noise value per gate, got "
+                             f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
         return torch.clamp(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
 
@@ -130,39 +136,72 @@ class HardConcreteGate(nn.Module):
         """``(n,)`` gate values: :meth:`sample` in training mode, :meth:`deterministic` in eval mode."""
         return self.sample() if self.training else self.deterministic()
 
+    def reset_parameters(self) -> None:
+        """Every gate back to ``init_keep`` and the noise generator back to ``seed`` (for
+        modules built on the ``meta`` device and materialized with ``to_empty()``)."""
+        with torch.no_grad():
+            self.log_alpha.fill_(self.init_log_alpha)
+        self.generator.manual_seed(self.seed)
+
     # ------------------------------------------------------------------ editing
+    def _index(self, index) -> torch.Tensor:
+        """``index`` as an int64 tensor of gate numbers, each in ``[0, n)``."""
+        index = torch.as_tensor(index, device=self.log_alpha.device)
+        if index.dtype in (torch.bool, torch.uint8) or index.is_floating_point() or index.is_complex():
+            raise TypeError(f"gate indices must be integers, got dtype {index.dtype}")
+        index = index.to(torch.long).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
+            raise IndexError(f"gate indices must be in [0, {self.n}), got values from {int(index.min())} "
+                             f"to {int(index.max())}")
+        return index
+
     @torch.no_grad()
     def reset_(self, index) -> None:
-        """Set the gates ``index`` (int tensor/array) back to ``init_keep``."""
-        self.log_alpha[torch.as_tensor(index, dtype=torch.long, device=self.log_alpha.device)] = self.init_log_alpha
+        """Set the gates ``index`` (ints in ``[0, n)``) back to ``init_keep``."""
+        self.log_alpha[self._index(index)] = self.init_log_alpha
 
     @torch.no_grad()
     def kill_(self, index) -> None:
-        """Set the gates ``index`` to :data:`DEAD_LOG_ALPHA` (samples exactly 0)."""
-        self.log_alpha[torch.as_tensor(index, dtype=torch.long, device=self.log_alpha.device)] = DEAD_LOG_ALPHA
+        """Set the gates ``index`` (ints in ``[0, n)``) to :data:`DEAD_LOG_ALPHA` (samples exactly 0)."""
+        self.log_alpha[self._index(index)] = DEAD_LOG_ALPHA
 
-    def compact_(self, index) -> None:
-        """Keep only the gates ``index`` (a new ``log_alpha`` Parameter of shape ``(len(index),)``:
-        optimizers holding the old one must be rebuilt or remapped)."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.log_alpha.device)
-        self.log_alpha = nn.Parameter(self.log_alpha.detach()[index].clone())
-        self.n = int(index.numel())
+    def compact_(self, index, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Keep only the gates ``index`` (ints in ``[0, n)``), in that order, in place:
+        ``log_alpha`` stays the same Parameter, now of shape ``(len(index),)``; the
+        per-gate state of ``optimizer`` follows (see :meth:`numbasparse.storage.BlockStorage.compact`)."""
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        gather_slots(self.log_alpha, self._index(index), () if optimizer is None else (optimizer,))
+        self.n = int(self.log_alpha.shape[0])
+
+    def _resize(self, n: int) -> None:
+        resize_slots(self.log_alpha, n)
+        self.n = int(n)
 
     # ------------------------------------------------------------ state dict
     def get_extra_state(self):
         return {"generator": self.generator.get_state(), "seed": self.seed}
 
     def set_extra_state(self, state):
+        if not isinstance(state, dict) or not {"generator", "seed"} <= state.keys():
+            raise ValueError("the gate's extra state must be a dict with generator and seed")
+        generator = torch.Generator()
+        generator.set_state(state["generator"])  # checked before anything changes
         self.seed = int(state["seed"])
-        self.generator.set_state(state["generator"])
+        self.generator = generator
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A compacted checkpoint has fewer gates: resize before the copy.
+        # A compacted checkpoint has fewer gates: resize (in place) before the copy.
         incoming = state_dict.get(prefix + "log_alpha")
-        if incoming is not None and incoming.dim() == 1 and incoming.shape != self.log_alpha.shape:
-            self.log_alpha = nn.Parameter(self.log_alpha.new_empty(incoming.shape))
-            self.n = int(incoming.shape[0])
+        if isinstance(incoming, torch.Tensor) and incoming.dim() == 1 and incoming.shape != self.log_alpha.shape:
+            self._resize(incoming.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        track(self.log_alpha, "HardConcreteGate log_alpha")
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        track(self.log_alpha, "HardConcreteGate log_alpha")
+        return out
 
     def extra_repr(self) -> str:
         return (f"n={self.n}, beta={self.beta:.4g}, gamma={self.gamma:g}, zeta={self.zeta:g}, "

@@ -13,10 +13,13 @@ Parameters' shapes, so optimizers, DDP and checkpoints keep working.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
 from numbasparse import layouts as _layouts
+from numbasparse._checks import check_block_size
 from numbasparse.functional import block_sparse_matmul
 from numbasparse.layout import BlockLayout
 from numbasparse.nn import BlockSparseLinear, blocks_to_dense
@@ -42,9 +45,7 @@ class GatedBlockSparse:
         w = self.weight
         self.gate = HardConcreteGate(self.layout.capacity, beta=beta, gamma=gamma, zeta=zeta,
                                      init_keep=init_keep, seed=seed, device=w.device, dtype=w.dtype)
-        free = self.layout.free_slots()
-        if free.size:
-            self.gate.kill_(free)
+        self._reset_gates()
         self._live_cache = None
         self._capture = False
         self._captured = None
@@ -121,14 +122,35 @@ class GatedBlockSparse:
         when nothing was captured.  Local to this process (not reduced across DDP ranks)."""
         raise NotImplementedError
 
-    # ---------------------------------------------------- layout editing
-    def compact(self):
-        """Shrink storage (weight and gates) to the live blocks.  New Parameters:
-        rebuild the optimizer (or use :meth:`learn.DynamicSparsity.compact`, which remaps it)."""
-        slots = self.live_slots()
-        self.gate.compact_(slots)
-        super().compact()
-        return self
+    # ------------------------------------------------------ slot storage
+    def _slot_parameters(self) -> list:
+        return [self.weight, self.gate.log_alpha]
+
+    def _storage_resized(self) -> None:
+        self.gate.n = int(self.gate.log_alpha.shape[0])
+
+    def _check_checkpoint(self, state_dict, prefix, layout):
+        problem = super()._check_checkpoint(state_dict, prefix, layout)
+        gates = state_dict.get(prefix + "gate.log_alpha")
+        if problem is None and gates is not None and tuple(gates.shape) != (layout.capacity,):
+            problem = (f"{prefix}gate.log_alpha has shape {tuple(gates.shape)} but the checkpoint's layout "
+                       f"has capacity {layout.capacity}: one gate per slot expected")
+        return problem
+
+    def reset_parameters(self) -> None:
+        """Re-initialize the weight and bias (as the host layer does) and the gates."""
+        super().reset_parameters()
+        self._reset_gates()
+
+    def _reset_gates(self) -> None:
+        """Gates to ``init_keep``, closed on the layout's free slots."""
+        gate = self._modules.get("gate")
+        if gate is None:  # the host's constructor resets before the gate exists
+            return
+        gate.reset_parameters()
+        free = self.layout.free_slots()
+        if free.size:
+            gate.kill_(free)
 
 
 class L0BlockSparseLinear(GatedBlockSparse, BlockSparseLinear):
@@ -250,9 +272,23 @@ class L0BlockSparseConv2d(GatedBlockSparse, _BlockSparseConv2d):
 
     def block_flops(self) -> int:
         """``B * B * kh * kw * H_out * W_out`` multiply-adds per sample for one block
-        (output size from the last forward; 1 before the first)."""
+        (output size from the last forward, kept in ``state_dict``; 1 before the first)."""
         kh, kw = self.kernel_size
         return self.block_size * self.block_size * kh * kw * self._out_positions
+
+    def get_extra_state(self):
+        return {**super().get_extra_state(), "out_positions": self._out_positions}
+
+    def set_extra_state(self, state):
+        problem = _out_positions_problem(state)
+        if problem:
+            raise ValueError(problem)
+        super().set_extra_state(state)
+        self._out_positions = int(state.get("out_positions", 1))
+
+    def _check_checkpoint(self, state_dict, prefix, layout):
+        return (super()._check_checkpoint(state_dict, prefix, layout)
+                or _out_positions_problem(state_dict[prefix + "_extra_state"]))
 
     def captured_weight_grad(self):
         """Dense ``(in_channels, out_channels, kh, kw)`` gradient of the gated weight on the
@@ -277,9 +313,19 @@ class L0BlockSparseConv2d(GatedBlockSparse, _BlockSparseConv2d):
         return dense_conv_weight(self.gated_weight(self.gate.deterministic()), self.layout, self.block_size)
 
 
+def _out_positions_problem(extra: dict) -> str | None:
+    """Checkpoints of the conv layer carry the output size its FLOPs weighting used
+    (older ones do not: 1, as before the first forward)."""
+    value = extra.get("out_positions", 1)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        return f"out_positions in the checkpoint must be a positive integer, got {value!r}"
+    return None
+
+
 def _dense_layout(in_features, out_features, block_size):
-    if not (isinstance(block_size, int) and block_size > 0 and in_features > 0 and out_features > 0
-            and in_features % block_size == 0 and out_features % block_size == 0):
+    block_size = check_block_size(block_size)
+    if not (in_features > 0 and out_features > 0 and in_features % block_size == 0
+            and out_features % block_size == 0):
         raise ValueError(f"sizes {in_features} and {out_features} must be positive multiples of "
                          f"block_size={block_size!r}")
     return _layouts.dense(in_features // block_size, out_features // block_size)

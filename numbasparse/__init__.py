@@ -20,16 +20,12 @@ __all__ = ["BlockLayout", "layouts", "functional", "block_sparse_matmul", "block
 def set_num_threads(n: int | None) -> None:
     """Threads the CPU kernels use; ``None`` (the default) follows ``torch.get_num_threads()``.
 
-    The matmul kernels run on torch's own OpenMP threads, so this never adds threads
-    beyond torch's; the conv kernels use numba's thread pool, capped at its size.
+    The kernels run on torch's own OpenMP threads, so this never adds threads beyond
+    torch's pool; it only caps how many of them a kernel call uses.
     """
-    import numba
-    import torch
-
     from .kernels.cpu import runtime
 
     runtime.set_num_threads(n)
-    numba.set_num_threads(max(1, min(n or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
 def get_num_threads() -> int:

@@ -2,6 +2,8 @@
 ``block_sparse_conv2d``)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -69,7 +71,7 @@ def block_sparse_matmul(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         bias = bias.contiguous()
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    x2d = x.reshape(math.prod(lead), x.shape[-1]).contiguous()
     w = w.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
         y = _BlockSparseMatMul.apply(x2d, w, bias, layout, block_size)

@@ -26,6 +26,9 @@ import numpy as np
 __all__ = ["BlockLayout"]
 
 
+_MAX_INDEX = np.iinfo(np.int32).max
+
+
 def _frozen(array, dtype=np.int32):
     out = np.ascontiguousarray(array, dtype=dtype)
     out.flags.writeable = False
@@ -90,6 +93,10 @@ class BlockLayout:
             raise ValueError(f"capacity {capacity} is too small for slot {int(slots.max())}")
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if capacity > _MAX_INDEX:
+            raise ValueError(f"capacity {capacity} is too large: slots are int32 (at most {_MAX_INDEX})")
+        if max(mask.shape) > _MAX_INDEX:
+            raise ValueError(f"layout shape {mask.shape} is too large: block indices are int32")
         self._capacity = capacity
         self.entry_rows = _frozen(rows)
         self.entry_cols = _frozen(cols)
@@ -150,6 +157,9 @@ class BlockLayout:
 
     def slot_of(self, i: int, j: int) -> int:
         """Storage slot of block ``(i, j)``, or -1 when the block is not live."""
+        i, j = operator.index(i), operator.index(j)
+        if not (0 <= i < self.in_blocks and 0 <= j < self.out_blocks):
+            raise IndexError(f"block ({i}, {j}) is outside the layout's shape {self.shape}")
         return int(self._slot_of[i, j])
 
     @property

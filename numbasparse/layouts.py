@@ -114,6 +114,10 @@ def block_norms(weight, block_size: int) -> np.ndarray:
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (in_features, out_features), got shape {weight.shape}")
     block_size = _count(block_size, "block_size")
+    if not np.all(np.isfinite(weight)):
+        bad = np.argwhere(~np.isfinite(weight))
+        raise ValueError(f"weight has {len(bad)} non-finite entries (NaN or inf), the first at {tuple(bad[0])}: "
+                         "block norms would be meaningless")
     rows, cols = weight.shape
     if rows % block_size or cols % block_size:
         raise ValueError(f"weight shape {weight.shape} is not divisible by block_size {block_size}")

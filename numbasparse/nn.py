@@ -12,6 +12,7 @@ from . import layouts
 from ._checks import as_layout, check_block_size
 from .functional import block_sparse_matmul
 from .layout import BlockLayout
+from .storage import BlockStorage
 
 __all__ = ["BlockSparseLinear", "BlocksparseMatMul", "BlockStorage", "blocks_to_dense", "dense_to_blocks"]
 
@@ -19,6 +20,11 @@ __all__ = ["BlockSparseLinear", "BlocksparseMatMul", "BlockStorage", "blocks_to_
 def blocks_to_dense(w: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
     """Dense ``(in_blocks*B, out_blocks*B)`` matrix from blocks ``w (capacity, B, B)``
     (differentiable in ``w``; zeros where the layout has no block)."""
+    layout, block_size = as_layout(layout), check_block_size(block_size)
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (layout.capacity, block_size, block_size):
+        raise ValueError(f"w must be a tensor of shape (capacity, B, B) = "
+                         f"{(layout.capacity, block_size, block_size)}, got "
+                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
     rows = layout.index_tensor("entry_rows", w.device)
     cols = layout.index_tensor("entry_cols", w.device)
     slots = layout.index_tensor("entry_slots", w.device)
@@ -30,6 +36,11 @@ def blocks_to_dense(w: torch.Tensor, layout: BlockLayout, block_size: int) -> to
 def dense_to_blocks(dense: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
     """Blocks ``(capacity, B, B)`` cut from a dense ``(in_features, out_features)`` matrix
     at the layout's live entries (free slots are zero)."""
+    layout, block_size = as_layout(layout), check_block_size(block_size)
+    expected = (layout.in_blocks * block_size, layout.out_blocks * block_size)
+    if not isinstance(dense, torch.Tensor) or tuple(dense.shape) != expected:
+        raise ValueError(f"dense must be a tensor of shape (in_features, out_features) = {expected}, got "
+                         f"{tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__}")
     blocks = dense.reshape(layout.in_blocks, block_size, layout.out_blocks, block_size)
     out = dense.new_zeros(layout.capacity, block_size, block_size)
     rows = layout.index_tensor("entry_rows", dense.device)
@@ -37,75 +48,6 @@ def dense_to_blocks(dense: torch.Tensor, layout: BlockLayout, block_size: int) -
     slots = layout.index_tensor("entry_slots", dense.device)
     out[slots] = blocks[rows, :, cols, :]
     return out
-
-
-def layout_extra_state(layout: BlockLayout, block_size: int) -> dict:
-    """A layer's layout as ``state_dict`` extra state: tensors and ints only, so that
-    checkpoints load with ``torch.load(..., weights_only=True)``."""
-    return {"mask": torch.from_numpy(layout.mask), "slots": torch.from_numpy(layout.slots),
-            "capacity": layout.capacity, "block_size": block_size}
-
-
-def layout_from_extra_state(state: dict, current: BlockLayout, block_size: int) -> BlockLayout:
-    """Inverse of :func:`layout_extra_state`, checked against the layer's current layout."""
-    if int(state["block_size"]) != block_size:
-        raise ValueError(f"state has block_size {state['block_size']}, module has {block_size}")
-    layout = BlockLayout(torch.as_tensor(state["mask"]).numpy(), torch.as_tensor(state["slots"]).numpy(),
-                         int(state["capacity"]))
-    if layout.shape != current.shape:
-        raise ValueError(f"state layout shape {layout.shape} does not fit module layout {current.shape}")
-    return layout
-
-
-def resize_weight_for_state(module: nn.Module, state_dict: dict, prefix: str, block_dims: tuple) -> None:
-    """Before loading: give ``module.weight`` the capacity of the incoming state (it may
-    differ, e.g. after ``compact()``), but only when the incoming layout fits the module."""
-    extra = state_dict.get(prefix + "_extra_state")
-    weight = state_dict.get(prefix + "weight")
-    if extra is None or weight is None or weight.shape == module.weight.shape:
-        return
-    try:
-        layout_from_extra_state(extra, module.layout, module.block_size)
-    except (KeyError, ValueError):
-        return  # set_extra_state reports the mismatch; the module stays as it was
-    if tuple(weight.shape) == (int(extra["capacity"]), *block_dims):
-        module.weight = nn.Parameter(module.weight.new_empty(weight.shape))
-
-
-class BlockStorage:
-    """Mixin for modules whose ``weight`` is ``(capacity, ...)`` blocks stored in the
-    slots of ``self.layout``: layout swaps, compaction, and the layout carried in
-    ``state_dict`` as extra state (checkpoints load with ``weights_only=True``)."""
-
-    layout: BlockLayout
-    block_size: int
-    weight: nn.Parameter
-
-    def set_layout(self, layout: BlockLayout) -> None:
-        """Swap in a layout of the same shape and capacity (weights stay in their slots)."""
-        layout = as_layout(layout)
-        if layout.shape != self.layout.shape:
-            raise ValueError(f"layout shape {layout.shape} != {self.layout.shape}")
-        if layout.capacity != self.weight.shape[0]:
-            raise ValueError(f"layout capacity {layout.capacity} != weight storage {self.weight.shape[0]}")
-        self.layout = layout
-
-    def compact(self):
-        """Shrink weight storage to the live blocks (a new Parameter: rebuild optimizers)."""
-        slots = self.layout.index_tensor("entry_slots", self.weight.device)
-        self.weight = nn.Parameter(self.weight.detach()[slots].clone())
-        self.layout = self.layout.compacted()
-        return self
-
-    def get_extra_state(self):
-        return layout_extra_state(self.layout, self.block_size)
-
-    def set_extra_state(self, state):
-        self.layout = layout_from_extra_state(state, self.layout, self.block_size)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        resize_weight_for_state(self, state_dict, prefix, tuple(self.weight.shape[1:]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class BlockSparseLinear(BlockStorage, nn.Module):
@@ -147,6 +89,7 @@ class BlockSparseLinear(BlockStorage, nn.Module):
         self.weight = nn.Parameter(torch.empty(layout.capacity, block_size, block_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
+        self._track_storage()
 
     def reset_parameters(self) -> None:
         """Uniform init scaled by each output block's live fan-in (as nn.Linear does
@@ -157,7 +100,7 @@ class BlockSparseLinear(BlockStorage, nn.Module):
             for s, j in zip(self.layout.entry_slots, self.layout.entry_cols):
                 bound = 1.0 / math.sqrt(fan_in[j])
                 self.weight[int(s)].uniform_(-bound, bound)
-            if self.bias is not None:
+            if self.bias is not None and fan_in.size:
                 bound = 1.0 / math.sqrt(float(fan_in.mean()))
                 self.bias.uniform_(-bound, bound)
 

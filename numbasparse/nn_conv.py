@@ -12,7 +12,7 @@ from torch import nn
 from . import layouts
 from ._checks import as_layout, check_block_size
 from .conv import block_sparse_conv2d, conv_blocks_from_dense, conv_geometry, dense_conv_weight
-from .nn import BlockStorage
+from .storage import BlockStorage
 
 __all__ = ["BlockSparseConv2d"]
 
@@ -81,6 +81,7 @@ class BlockSparseConv2d(BlockStorage, nn.Module):
         self.weight = nn.Parameter(torch.empty(layout.capacity, kh, kw, block_size, block_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reset_parameters()
+        self._track_storage()
 
     def reset_parameters(self) -> None:
         """Uniform init with bound ``1/sqrt(fan_in)``, ``fan_in`` being each output block's
@@ -93,7 +94,7 @@ class BlockSparseConv2d(BlockStorage, nn.Module):
             for s, j in zip(self.layout.entry_slots, self.layout.entry_cols):
                 bound = 1.0 / math.sqrt(fan_in[j])
                 self.weight[int(s)].uniform_(-bound, bound)
-            if self.bias is not None:
+            if self.bias is not None and fan_in.size:
                 bound = 1.0 / math.sqrt(float(fan_in.mean()))
                 self.bias.uniform_(-bound, bound)
 

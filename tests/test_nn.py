@@ -172,7 +172,7 @@ def test_state_dict_after_compact_round_trips():
 def test_load_state_dict_rejects_other_block_size():
     src, *_ = _module(B=8, seed=24)
     other = BlockSparseLinear(4 * 16, 3 * 16, layouts.dense(4, 3), block_size=16)
-    with pytest.raises(ValueError, match=r"state has block_size 8, module has 16"):
+    with pytest.raises(RuntimeError, match=r"the checkpoint has block_size 8, the module has 16"):
         other.load_state_dict(src.state_dict())
 
 
@@ -181,7 +181,7 @@ def test_load_state_dict_rejects_other_layout_shape_and_stays_usable():
     weight storage that no longer fits its own layout."""
     src, *_ = _module(B=8, seed=25)                        # layout (4, 3)
     wide = BlockSparseLinear(5 * 8, 3 * 8, layouts.dense(5, 3), block_size=8)
-    with pytest.raises(ValueError, match=r"state layout shape \(4, 3\) does not fit module layout \(5, 3\)"):
+    with pytest.raises(RuntimeError, match=r"layout has shape \(4, 3\), the module's \(5, 3\)"):
         wide.load_state_dict(src.state_dict())
     assert wide.layout == layouts.dense(5, 3)
     assert wide.weight.shape == (wide.layout.capacity, 8, 8), \

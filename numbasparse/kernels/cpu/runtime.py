@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import numbers
 import os
 import threading
 
@@ -56,8 +57,9 @@ def set_num_threads(n: int | None) -> None:
     """Use ``n`` threads in the CPU kernels (``None``: follow ``torch.get_num_threads()``)."""
     global _requested_threads
     if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"the number of threads must be a positive integer, got {n!r}")
+        n = int(n)
     _requested_threads = n
 
 

@@ -1,0 +1,153 @@
+"""Slot storage of block-sparse layers: the :class:`BlockStorage` mixin.
+
+A layer with block storage holds ``weight`` of shape ``(capacity, ...)``: slot ``s`` is
+the block of the live layout entry stored there, free slots hold nothing the kernels
+read.  The mixin gives such a layer layout swaps, in-place compaction, and checkpoints
+that carry the layout (extra state of tensors and ints, so they load with
+``torch.load(..., weights_only=True)``) and load in the standard PyTorch order: build
+the model and its optimizer, then load both.  Loading a checkpoint of another capacity
+(saved after :meth:`BlockStorage.compact`) resizes the Parameters in place, so an
+optimizer built before the load keeps training them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._checks import as_layout
+from .layout import BlockLayout
+from .optim_state import gather_slots, resize_slots, track
+
+__all__ = ["BlockStorage", "layout_extra_state", "layout_from_extra_state"]
+
+
+def layout_extra_state(layout: BlockLayout, block_size: int) -> dict:
+    """A layer's layout as ``state_dict`` extra state (tensors and ints only)."""
+    return {"mask": torch.from_numpy(layout.mask), "slots": torch.from_numpy(layout.slots),
+            "capacity": layout.capacity, "block_size": block_size}
+
+
+def layout_from_extra_state(state: dict, current: BlockLayout, block_size: int) -> BlockLayout:
+    """Inverse of :func:`layout_extra_state`, checked against the layer's current layout
+    (same block size and shape); ``ValueError`` naming the mismatch otherwise."""
+    if not isinstance(state, dict) or not {"mask", "slots", "capacity", "block_size"} <= state.keys():
+        raise ValueError("the layout state must be a dict with mask, slots, capacity and block_size, got "
+                         f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    if int(state["block_size"]) != block_size:
+        raise ValueError(f"the checkpoint has block_size {state['block_size']}, the module has {block_size}")
+    try:
+        layout = BlockLayout(torch.as_tensor(state["mask"]).numpy(), torch.as_tensor(state["slots"]).numpy(),
+                             int(state["capacity"]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the checkpoint's layout is invalid: {err}") from None
+    if layout.shape != current.shape:
+        raise ValueError(f"the checkpoint's layout has shape {layout.shape}, the module's {current.shape}")
+    return layout
+
+
+def _optimizers(optimizer) -> tuple:
+    if optimizer is None:
+        return ()
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return (optimizer,)
+    raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+
+
+class BlockStorage:
+    """Mixin for ``nn.Module`` layers whose ``weight`` is ``(capacity, ...)`` blocks
+    stored in the slots of ``self.layout`` (see the module docstring).
+
+    Subclasses with more per-slot Parameters (gates) extend :meth:`_slot_parameters`,
+    :meth:`_storage_resized` and :meth:`_check_checkpoint`.
+    """
+
+    layout: BlockLayout
+    block_size: int
+    weight: nn.Parameter
+
+    # ------------------------------------------------------------ slot parameters
+    def _slot_parameters(self) -> list:
+        """Parameters with one entry per slot along dim 0."""
+        return [self.weight]
+
+    def _storage_resized(self) -> None:
+        """Called after the slot Parameters changed capacity."""
+
+    def _track_storage(self) -> None:
+        track(self.weight, f"{type(self).__name__} weight")
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .double(), to_empty() may replace the Parameter objects
+        out = super()._apply(fn, *args, **kwargs)
+        self._track_storage()
+        return out
+
+    # ------------------------------------------------------------ layout editing
+    def set_layout(self, layout: BlockLayout) -> None:
+        """Swap in a layout of the same shape and capacity (weights stay in their slots)."""
+        layout = as_layout(layout)
+        if layout.shape != self.layout.shape:
+            raise ValueError(f"layout shape {layout.shape} != {self.layout.shape}")
+        if layout.capacity != self.weight.shape[0]:
+            raise ValueError(f"layout capacity {layout.capacity} != weight storage {self.weight.shape[0]}")
+        self.layout = layout
+
+    def compact(self, optimizer: torch.optim.Optimizer | None = None):
+        """Shrink storage to the live blocks, renumbered 0..nnz-1 in row-major order.
+
+        In place: the Parameters stay the same objects (hooks, wrappers and optimizers
+        holding them stay valid).  ``optimizer``'s per-slot state (and the gradients) are
+        gathered along; any other optimizer with state for this layer raises a
+        ``ValueError`` at its next step.  Returns the layer.
+        """
+        optimizers = _optimizers(optimizer)
+        slots = self.layout.index_tensor("entry_slots", self.weight.device)
+        for param in self._slot_parameters():
+            gather_slots(param, slots, optimizers)
+        self.layout = self.layout.compacted()
+        self._storage_resized()
+        return self
+
+    # ------------------------------------------------------------ checkpoints
+    def get_extra_state(self):
+        return layout_extra_state(self.layout, self.block_size)
+
+    def set_extra_state(self, state):
+        self.layout = layout_from_extra_state(state, self.layout, self.block_size)
+
+    def _check_checkpoint(self, state_dict: dict, prefix: str, layout: BlockLayout) -> str | None:
+        """What makes the checkpoint entries under ``prefix`` inconsistent with its
+        ``layout``, or None."""
+        weight = state_dict.get(prefix + "weight")
+        expected = (layout.capacity, *self.weight.shape[1:])
+        if weight is None:
+            if layout.capacity != self.weight.shape[0]:
+                return (f"the checkpoint has a layout of capacity {layout.capacity} but no {prefix}weight "
+                        f"(the module's weight has {self.weight.shape[0]} slots)")
+        elif tuple(weight.shape) != expected:
+            return (f"{prefix}weight has shape {tuple(weight.shape)} but the checkpoint's layout has capacity "
+                    f"{layout.capacity}: expected {expected}")
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            try:
+                layout = layout_from_extra_state(extra, self.layout, self.block_size)
+                problem = self._check_checkpoint(state_dict, prefix, layout)
+            except ValueError as err:
+                problem = str(err)
+            if problem is not None:
+                error_msgs.append(f"{type(self).__name__} at {prefix[:-1] or 'the top level'!r}: {problem}; "
+                                  "the layer was left as it was")
+                for key in [k for k in state_dict if k.startswith(prefix)]:
+                    del state_dict[key]  # its children (gates) stay as they are too
+                return
+            if layout.capacity != self.weight.shape[0]:
+                for param in self._slot_parameters():
+                    resize_slots(param, layout.capacity)
+                self._storage_resized()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._track_storage()
