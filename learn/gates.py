@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -96,6 +97,7 @@ class HardConcreteGate(nn.Module):
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.log_alpha = nn.Parameter(torch.full((self.n,), self.init_log_alpha, device=device, dtype=dtype))
+        self._dead = np.zeros(self.n, dtype=bool)  # gates closed by kill_()
         track(self.log_alpha, "HardConcreteGate log_alpha")
 
     # ------------------------------------------------------------------ formulas
@@ -137,16 +139,20 @@ class HardConcreteGate(nn.Module):
         return self.sample() if self.training else self.deterministic()
 
     def reset_parameters(self) -> None:
-        """Every gate back to ``init_keep`` and the noise generator back to ``seed`` (for
-        modules built on the ``meta`` device and materialized with ``to_empty()``)."""
+        """Every gate back to ``init_keep`` (those closed with :meth:`kill_` to
+        :data:`DEAD_LOG_ALPHA`) and the noise generator back to ``seed``: what the
+        constructor did, for modules built on the ``meta`` device and materialized with
+        ``to_empty()``."""
         with torch.no_grad():
             self.log_alpha.fill_(self.init_log_alpha)
+            if self._dead.any():
+                self.log_alpha[torch.from_numpy(np.flatnonzero(self._dead)).to(self.log_alpha.device)] = DEAD_LOG_ALPHA
         self.generator.manual_seed(self.seed)
 
     # ------------------------------------------------------------------ editing
     def _index(self, index) -> torch.Tensor:
-        """``index`` as an int64 tensor of gate numbers, each in ``[0, n)``."""
-        index = torch.as_tensor(index, device=self.log_alpha.device)
+        """``index`` as a CPU int64 tensor of gate numbers, each in ``[0, n)``."""
+        index = torch.as_tensor(index, device="cpu") if not isinstance(index, torch.Tensor) else index.cpu()
         if index.dtype in (torch.bool, torch.uint8) or index.is_floating_point() or index.is_complex():
             raise TypeError(f"gate indices must be integers, got dtype {index.dtype}")
         index = index.to(torch.long).reshape(-1)
@@ -158,12 +164,17 @@ class HardConcreteGate(nn.Module):
     @torch.no_grad()
     def reset_(self, index) -> None:
         """Set the gates ``index`` (ints in ``[0, n)``) back to ``init_keep``."""
-        self.log_alpha[self._index(index)] = self.init_log_alpha
+        index = self._index(index)
+        self.log_alpha[index.to(self.log_alpha.device)] = self.init_log_alpha
+        self._dead[index.numpy()] = False
 
     @torch.no_grad()
     def kill_(self, index) -> None:
-        """Set the gates ``index`` (ints in ``[0, n)``) to :data:`DEAD_LOG_ALPHA` (samples exactly 0)."""
-        self.log_alpha[self._index(index)] = DEAD_LOG_ALPHA
+        """Close the gates ``index`` (ints in ``[0, n)``): ``log_alpha`` to :data:`DEAD_LOG_ALPHA`
+        (samples exactly 0); they stay closed through :meth:`reset_parameters`."""
+        index = self._index(index)
+        self.log_alpha[index.to(self.log_alpha.device)] = DEAD_LOG_ALPHA
+        self._dead[index.numpy()] = True
 
     def compact_(self, index, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Keep only the gates ``index`` (ints in ``[0, n)``), in that order, in place:
@@ -171,12 +182,16 @@ class HardConcreteGate(nn.Module):
         per-gate state of ``optimizer`` follows (see :meth:`numbasparse.storage.BlockStorage.compact`)."""
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        gather_slots(self.log_alpha, self._index(index), () if optimizer is None else (optimizer,))
+        index = self._index(index)
+        gather_slots(self.log_alpha, index, () if optimizer is None else (optimizer,))
+        self._dead = self._dead[index.numpy()]
         self.n = int(self.log_alpha.shape[0])
 
     def _resize(self, n: int) -> None:
+        """``n`` gates, uninitialized (a checkpoint's values follow)."""
         resize_slots(self.log_alpha, n)
         self.n = int(n)
+        self._dead = np.zeros(self.n, dtype=bool)
 
     # ------------------------------------------------------------ state dict
     def get_extra_state(self):
@@ -196,6 +211,8 @@ class HardConcreteGate(nn.Module):
         if isinstance(incoming, torch.Tensor) and incoming.dim() == 1 and incoming.shape != self.log_alpha.shape:
             self._resize(incoming.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.log_alpha.shape == (self.n,) and self.log_alpha.device.type != "meta":
+            self._dead = (self.log_alpha.detach().cpu() <= DEAD_LOG_ALPHA / 2).numpy()
         track(self.log_alpha, "HardConcreteGate log_alpha")
 
     def _apply(self, fn, *args, **kwargs):
