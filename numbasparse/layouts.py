@@ -116,7 +116,7 @@ def block_norms(weight, block_size: int) -> np.ndarray:
     block_size = _count(block_size, "block_size")
     if not np.all(np.isfinite(weight)):
         bad = np.argwhere(~np.isfinite(weight))
-        raise ValueError(f"weight has {len(bad)} non-finite entries (NaN or inf), the first at {tuple(bad[0])}: "
+        raise ValueError(f"weight has {len(bad)} non-finite entries (NaN or inf), the first at {tuple(int(i) for i in bad[0])}: "
                          "block norms would be meaningless")
     rows, cols = weight.shape
     if rows % block_size or cols % block_size:
