@@ -15,9 +15,12 @@ Where the threads come from:
   after each parallel region, so a pool of our own next to torch's ran our kernels up
   to 2x slower whenever they followed a torch operator.
 * **a small pool of Python threads** where that library is not available (other
-  builds of torch) and in processes forked from one that already used OpenMP (GNU
-  OpenMP cannot be used after ``fork()``).  The program releases the GIL, so these
-  threads run in parallel.
+  builds of torch) and in forked child processes (GNU OpenMP cannot run a parallel
+  region in a child forked after the parent ran one: it waits forever for the parent's
+  threads).  The program releases the GIL, so these threads run in parallel.  A child
+  forked after the kernels ran on torch's team keeps the parent's kernel thread count,
+  and its torch is set to one thread (as DataLoader workers are), so that torch's own
+  operators do not wait for those threads either.
 * **the calling thread alone** when one thread is asked for, or when the work is too
   small to be worth waking others (see :func:`threads_for`).
 
@@ -45,17 +48,20 @@ BYTE_WEIGHT = 16
 _PROGRAM_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _requested_threads: int | None = None
 _forked = False
+_team_used = False               # a kernel ran on torch's OpenMP team in this process
+_inherited_threads: int | None = None  # the parent's count, in a child forked after that
 _lock = threading.Lock()
 
 
 def get_num_threads() -> int:
     """Threads the CPU kernels use: ``set_num_threads``'s value, else torch's."""
-    return _requested_threads or torch.get_num_threads()
+    return _requested_threads or _inherited_threads or torch.get_num_threads()
 
 
 def set_num_threads(n: int | None) -> None:
     """Use ``n`` threads in the CPU kernels (``None``: follow ``torch.get_num_threads()``)."""
-    global _requested_threads
+    global _requested_threads, _inherited_threads
+    _inherited_threads = None
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"the number of threads must be a positive integer, got {n!r}")
@@ -190,17 +196,23 @@ def _launch(program, address: int, threads: int) -> None:
     if threads <= 1:
         _callable(program)(address)
         return
+    global _team_used
     team = _team_launcher()
     if team is not None:
+        _team_used = True
         team(program.address, address, threads, 0)
     else:
         _pool.run(_callable(program), address, threads - 1)
 
 
 def _after_fork_in_child():
-    global _forked, _pool
+    global _forked, _pool, _inherited_threads, _team_used
     _forked = True
     _pool = _ThreadPool()
+    if _team_used:
+        _inherited_threads = _requested_threads or torch.get_num_threads()
+        _team_used = False
+        torch.set_num_threads(1)
 
 
 if hasattr(os, "register_at_fork"):
