@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from numbasparse._interrupts import deferred_interrupts
 from numbasparse.layout import BlockLayout
 from numbasparse.optim_state import reset_slots
 
@@ -228,7 +229,7 @@ class DynamicSparsity:
                 if layout != layer.layout:
                     layer.set_layout(layout)
         self.initial_nnz = sum(layer.layout.nnz for _, layer in self._layers)
-        self._arm()
+        self._arm(self.steps)
 
     # ------------------------------------------------------------- schedule
     def layers(self) -> list:
@@ -241,41 +242,57 @@ class DynamicSparsity:
             return False
         return (step - self.start) % self.every == 0
 
-    def _arm(self) -> None:
-        armed = self.regrow == "gradient" and self.is_update_step(self.steps + 1)
+    def _arm(self, step: int) -> None:
+        """Capture the next batch in the layers when step ``step + 1`` is an update step
+        that regrows by gradient."""
+        armed = self.regrow == "gradient" and self.is_update_step(step + 1)
         for _, layer in self.layers():
             layer._arm_capture(armed)
 
     def step(self) -> SparsityReport | None:
-        """Count one training step; on update steps run :meth:`update` and return its
-        report, otherwise return None."""
-        self.steps += 1
-        report = self.update() if self.is_update_step(self.steps) else None
-        self._arm()
-        return report
+        """Count one training step; on update steps run the update and return its
+        report, otherwise return None.  A ``KeyboardInterrupt`` leaves the controller
+        and the model as before the call or as after it, never in between."""
+        step = self.steps + 1
+        if self.is_update_step(step):
+            return self._update(step)
+        self._arm(step)
+        self.steps = step
+        return None
 
     # --------------------------------------------------------------- update
-    @torch.no_grad()
     def update(self) -> SparsityReport:
         """Remove (and regrow) blocks now; returns the :class:`SparsityReport`."""
+        return self._update(self.steps)
+
+    @torch.no_grad()
+    def _update(self, step: int) -> SparsityReport:
+        """Plan the new layouts (nothing changes yet), then install them and record the
+        update with Ctrl-C held back: all of it happens or none of it does."""
         layers = self.layers()
-        self.updates += 1
+        index = self.updates + 1
         old = [layer.layout for _, layer in layers]
         after, removed = self._plan_removal(layers, old)
-        new = self._plan_regrowth(layers, old, after, removed) if self.regrow else after
+        new = self._plan_regrowth(layers, old, after, removed, index) if self.regrow else after
+        mismatch = False
         if _distributed():
             agreed = self._broadcast(new)
-            if agreed != new:
-                self.sync_mismatches += 1
-                warnings.warn("this rank's block decisions differed from rank 0's; rank 0's layouts are used",
-                              RuntimeWarning, stacklevel=2)
+            mismatch = agreed != new
             new = agreed
-        report = SparsityReport(self.steps, self.updates)
-        for (name, layer), before, layout in zip(layers, old, new):
-            n_removed, n_regrown = self._apply(layer, before, layout)
-            report.layers.append(LayerReport(name, layout.nnz, layout.in_blocks * layout.out_blocks,
-                                             n_removed, n_regrown))
-        self.history.append(report)
+        report = SparsityReport(step, index)
+        with deferred_interrupts():
+            for (name, layer), before, layout in zip(layers, old, new):
+                n_removed, n_regrown = self._apply(layer, before, layout)
+                report.layers.append(LayerReport(name, layout.nnz, layout.in_blocks * layout.out_blocks,
+                                                 n_removed, n_regrown))
+            self.history.append(report)
+            self.updates = index
+            self.sync_mismatches += int(mismatch)
+            self._arm(step)
+            self.steps = step
+        if mismatch:
+            warnings.warn("this rank's block decisions differed from rank 0's; rank 0's layouts are used",
+                          RuntimeWarning, stacklevel=3)
         return report
 
     def _plan_removal(self, layers, old):
@@ -300,7 +317,7 @@ class DynamicSparsity:
             removed.append((rows, cols))
         return after, removed
 
-    def _plan_regrowth(self, layers, old, after, removed):
+    def _plan_regrowth(self, layers, old, after, removed, index):
         total = sum(l.in_blocks * l.out_blocks for l in old)
         if self.target_density is not None:
             goal = int(round(self.target_density * total))
@@ -327,7 +344,7 @@ class DynamicSparsity:
                 s = scores[li].ravel()[positions]
                 chosen = positions[np.argsort(-s, kind="stable")[:k]]
             else:
-                rng = np.random.default_rng([self.seed, self.updates, li])
+                rng = np.random.default_rng([self.seed, index, li])
                 chosen = rng.choice(positions, size=int(k), replace=False)
             chosen = np.sort(chosen)
             rows, cols = np.unravel_index(chosen, layout.shape)
@@ -397,8 +414,9 @@ class DynamicSparsity:
         The Parameters stay the same objects; a ``DistributedDataParallel`` wrapper
         must still be rebuilt (its buckets have the old sizes): re-wrap ``model.module``.
         """
-        for _, layer in self.layers():
-            layer.compact(self.optimizer)
+        with deferred_interrupts():
+            for _, layer in self.layers():
+                layer.compact(self.optimizer)
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict:
@@ -411,12 +429,13 @@ class DynamicSparsity:
                            "start": self.start, "stop": self.stop}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved (the settings given to the constructor stay)."""
-        self.steps = int(state["steps"])
-        self.updates = int(state["updates"])
-        self.initial_nnz = int(state["initial_nnz"])
-        self.history = [SparsityReport.from_dict(d) for d in state.get("history", [])]
-        self._arm()
+        """Restore what :meth:`state_dict` saved (the settings given to the constructor stay);
+        nothing changes when ``state`` is incomplete."""
+        steps, updates = _int(state["steps"], "steps", 0), _int(state["updates"], "updates", 0)
+        initial_nnz = _int(state["initial_nnz"], "initial_nnz", 0)
+        history = [SparsityReport.from_dict(d) for d in state.get("history", [])]
+        self.steps, self.updates, self.initial_nnz, self.history = steps, updates, initial_nnz, history
+        self._arm(self.steps)
 
     def density(self) -> float:
         """Live fraction of all block positions of all gated layers, now."""

@@ -211,9 +211,23 @@ class HardConcreteGate(nn.Module):
         if isinstance(incoming, torch.Tensor) and incoming.dim() == 1 and incoming.shape != self.log_alpha.shape:
             self._resize(incoming.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._find_dead()
+        track(self.log_alpha, "HardConcreteGate log_alpha")
+
+    def _load_values(self, log_alpha, extra_state) -> None:
+        """Take ``log_alpha`` (already of this gate's shape) and the extra state of a
+        checkpoint; what the block-sparse layer owning the gate loads with its weight."""
+        if extra_state is not None:
+            self.set_extra_state(extra_state)
+        if log_alpha is not None:
+            with torch.no_grad():
+                self.log_alpha.copy_(log_alpha)
+            self._find_dead()
+
+    def _find_dead(self) -> None:
+        """After a load: the gates at (about) DEAD_LOG_ALPHA are the closed ones."""
         if self.log_alpha.shape == (self.n,) and self.log_alpha.device.type != "meta":
             self._dead = (self.log_alpha.detach().cpu() <= DEAD_LOG_ALPHA / 2).numpy()
-        track(self.log_alpha, "HardConcreteGate log_alpha")
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)

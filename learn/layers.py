@@ -142,6 +142,9 @@ class GatedBlockSparse:
         super().reset_parameters()
         self._reset_gates()
 
+    def _load_slot_children(self, state_dict, prefix):
+        self.gate._load_values(state_dict.get(prefix + "gate.log_alpha"), state_dict.get(prefix + "gate._extra_state"))
+
     def _reset_gates(self) -> None:
         """Gates to ``init_keep``, closed on the layout's free slots."""
         gate = self._modules.get("gate")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._checks import as_layout
+from ._interrupts import deferred_interrupts
 from .layout import BlockLayout
 from .optim_state import gather_slots, resize_slots, track
 
@@ -102,10 +103,11 @@ class BlockStorage:
         """
         optimizers = _optimizers(optimizer)
         slots = self.layout.index_tensor("entry_slots", self.weight.device)
-        for param in self._slot_parameters():
-            gather_slots(param, slots, optimizers)
-        self.layout = self.layout.compacted()
-        self._storage_resized()
+        with deferred_interrupts():
+            for param in self._slot_parameters():
+                gather_slots(param, slots, optimizers)
+            self.layout = self.layout.compacted()
+            self._storage_resized()
         return self
 
     # ------------------------------------------------------------ checkpoints
@@ -114,6 +116,11 @@ class BlockStorage:
 
     def set_extra_state(self, state):
         self.layout = layout_from_extra_state(state, self.layout, self.block_size)
+
+    def _load_slot_children(self, state_dict: dict, prefix: str) -> None:
+        """Load the per-slot state of child modules (gates) together with the weight, so
+        that an interrupt before torch reaches the children cannot leave them resized
+        but empty (torch then loads them again, to the same values)."""
 
     def _check_checkpoint(self, state_dict: dict, prefix: str, layout: BlockLayout) -> str | None:
         """What makes the checkpoint entries under ``prefix`` inconsistent with its
@@ -144,10 +151,13 @@ class BlockStorage:
                 for key in [k for k in state_dict if k.startswith(prefix)]:
                     del state_dict[key]  # its children (gates) stay as they are too
                 return
-            if layout.capacity != self.weight.shape[0]:
+        with deferred_interrupts():  # storage resized and filled, or left as it was
+            if extra is not None and layout.capacity != self.weight.shape[0]:
                 for param in self._slot_parameters():
                     resize_slots(param, layout.capacity)
                 self._storage_resized()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            if extra is not None:
+                self._load_slot_children(state_dict, prefix)
         self._track_storage()

@@ -153,11 +153,20 @@ class _ThreadPool:
             for _ in range(helpers):
                 self._jobs.append((call, arg, finished, errors))
             self._cond.notify(helpers)
+        interrupted = None
         try:
             call(arg)
         finally:
+            # the helpers use the caller's arrays: wait for them even through Ctrl-C
             for _ in range(helpers):
-                finished.acquire()
+                while True:
+                    try:
+                        finished.acquire()
+                        break
+                    except BaseException as exc:  # noqa: B036 - re-raised below
+                        interrupted = exc
+        if interrupted is not None:
+            raise interrupted
         if errors:
             raise errors[0]
 
