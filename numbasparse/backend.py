@@ -10,8 +10,19 @@ without copies.
   numba's CUDA simulator, which needs ``NUMBA_ENABLE_CUDASIM=1`` before numba is
   imported.
 
-Every function here takes contiguous 2-D activations and ``(capacity, B, B)``
-weights already validated by :mod:`numbasparse.functional` and returns new tensors.
+Two entries per operation:
+
+* ``forward`` / ``backward`` / ``backward_data`` / ``backward_weight`` (public) check
+  their arguments against the layout first (tensor types, dtypes, devices, shapes,
+  contiguity, block size) and raise ValueError / TypeError naming the problem;
+* ``_forward`` / ``_backward`` (private) skip the checks: they take contiguous 2-D
+  activations and ``(capacity, B, B)`` weights already checked by the caller
+  (:mod:`numbasparse.functional`), since the checks cost microseconds per call.
+
+Neither checks the layout's index tables: a :class:`BlockLayout` builds them from its
+mask, so they fit any tensor shaped for the layout, and the kernels are called
+through their unchecked launchers (the checked CUDA wrappers would copy device tables
+to the host on every call).  All return new tensors.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import importlib
 
 import torch
 
+from ._checks import check_block_size, check_features, check_tensor, check_weight_shape
 from .kernels.cpu import matmul as cpu_matmul
 from .layout import BlockLayout
 
@@ -117,28 +129,27 @@ def _on_cpu_kernels(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not _simulating
 
 
-def forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y (N, out_blocks*B) = x (N, in_blocks*B) @ W (+ bias, contiguous (out_blocks*B,))."""
+# ------------------------------------------------------------------ unchecked
+def _forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Unchecked :func:`forward`."""
     y = torch.empty((x.shape[0], layout.out_blocks * block_size), dtype=x.dtype, device=x.device)
     if _on_cpu_kernels(x):
         cpu_matmul._layout_forward(x, w, layout, block_size, y, _DTYPE_NAMES[x.dtype], x.element_size(), bias)
         return y
     if bias is not None:
-        return forward(x, w, layout, block_size).add_(bias)
+        return _forward(x, w, layout, block_size).add_(bias)
     kernels, target = _kernels("matmul", x.device)
     with _Launch(target, x.device) as launch:
-        kernels.forward(launch.array(x), launch.array(w),
-                        *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
-                        block_size, launch.array(y), **_stream_kw(target, launch))
+        kernels._forward(launch.array(x), launch.array(w),
+                         *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
+                         block_size, launch.array(y), **_stream_kw(target, launch))
     return y
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int,
-             need_dx: bool = True, need_dw: bool = True):
-    """``(dx, dw)``: dx (N, in_blocks*B) = dy @ W^T and dw (capacity, B, B) = x^T dy at
-    the live blocks (zeros in free slots); ``None`` for a gradient not asked for.  On
-    the CPU both come from one kernel launch that packs dy once."""
+def _backward(dy: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None, layout: BlockLayout,
+              block_size: int, need_dx: bool = True, need_dw: bool = True):
+    """Unchecked :func:`backward`."""
     dx = torch.empty((dy.shape[0], layout.in_blocks * block_size), dtype=dy.dtype, device=dy.device) \
         if need_dx else None
     dw = torch.zeros((layout.capacity, block_size, block_size), dtype=dy.dtype, device=dy.device) \
@@ -152,24 +163,93 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, layout: BlockLa
     kernels, target = _kernels("matmul", dy.device)
     with _Launch(target, dy.device) as launch:
         if need_dx:
-            kernels.backward_data(launch.array(dy), launch.array(w),
-                                  *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
-                                  block_size, launch.array(dx), **_stream_kw(target, launch))
+            kernels._backward_data(launch.array(dy), launch.array(w),
+                                   *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
+                                   block_size, launch.array(dx), **_stream_kw(target, launch))
         if need_dw:
-            kernels.backward_weight(launch.array(x), launch.array(dy),
-                                    *launch.tables(layout, "entry_rows", "entry_cols", "entry_slots"),
-                                    block_size, launch.array(dw), **_stream_kw(target, launch))
+            kernels._backward_weight(launch.array(x), launch.array(dy),
+                                     *launch.tables(layout, "entry_rows", "entry_cols", "entry_slots"),
+                                     block_size, launch.array(dw), **_stream_kw(target, launch))
     return dx, dw
 
 
+# ------------------------------------------------------------------- checked
+def forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (N, out_blocks*B) = x (N, in_blocks*B) @ W (+ bias (out_blocks*B,)).
+
+    ``w`` is ``(layout.capacity, B, B)``; all tensors contiguous, of one dtype (float32
+    or float64) and on one device.  Checked: raises ValueError / TypeError on a bad
+    argument.
+    """
+    B = _check_call(layout, block_size, {"x": x, "w": w, "bias": bias})
+    check_features("x", x.shape[1], layout.in_blocks, B, "input")
+    if bias is not None and tuple(bias.shape) != (layout.out_blocks * B,):
+        raise ValueError(f"bias must have shape ({layout.out_blocks * B},), got {tuple(bias.shape)}")
+    return _forward(x, w, layout, B, bias)
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None, layout: BlockLayout,
+             block_size: int, need_dx: bool = True, need_dw: bool = True):
+    """``(dx, dw)``: dx (N, in_blocks*B) = dy (N, out_blocks*B) @ W^T (needs ``w``) and
+    dw (capacity, B, B) = x^T dy at the live blocks, zeros in free slots (needs ``x``);
+    ``None`` for a gradient not asked for (its operand may then be ``None``).  On the
+    CPU both come from one kernel launch that packs dy once.  Checked as :func:`forward`.
+    """
+    if need_dx and w is None:
+        raise TypeError("backward needs w to compute dx (need_dx=True)")
+    if need_dw and x is None:
+        raise TypeError("backward needs x to compute dw (need_dw=True)")
+    tensors = {"dy": dy, "x": x if need_dw else None, "w": w if need_dx else None}
+    B = _check_call(layout, block_size, tensors)
+    check_features("dy", dy.shape[1], layout.out_blocks, B, "output")
+    if tensors["x"] is not None:
+        check_features("x", x.shape[1], layout.in_blocks, B, "input")
+        if x.shape[0] != dy.shape[0]:
+            raise ValueError(f"row mismatch: x has {x.shape[0]} rows, dy has {dy.shape[0]}")
+    return _backward(dy, tensors["x"], tensors["w"], layout, B, bool(need_dx), bool(need_dw))
+
+
 def backward_data(dy: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
-    """dx (N, in_blocks*B) = dy (N, out_blocks*B) @ W^T."""
+    """dx (N, in_blocks*B) = dy (N, out_blocks*B) @ W^T.  Checked as :func:`forward`."""
     return backward(dy, None, w, layout, block_size, need_dw=False)[0]
 
 
 def backward_weight(x: torch.Tensor, dy: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
-    """dw (capacity, B, B): x^T dy at the live blocks, zeros in free slots."""
+    """dw (capacity, B, B): x^T dy at the live blocks, zeros in free slots.  Checked as
+    :func:`forward`."""
     return backward(dy, x, None, layout, block_size, need_dx=False)[1]
+
+
+def _check_call(layout, block_size, tensors: dict) -> int:
+    """The block size, after checking the layout's type, the block size and the tensors
+    (``None`` entries skipped): torch tensors of a supported dtype, all of one dtype and
+    device, contiguous; ``w`` shaped ``(layout.capacity, B, B)``, ``bias`` 1-D and the
+    others 2-D."""
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    B = check_block_size(block_size)
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        check_tensor(name, t)
+        if first is None:
+            first = name, t
+        elif t.device != first[1].device:
+            raise ValueError(f"{first[0]} is on {first[1].device} but {name} is on {t.device}: "
+                             "move them to one device")
+        elif t.dtype != first[1].dtype:
+            raise TypeError(f"{first[0]} has dtype {first[1].dtype} but {name} has dtype {t.dtype}: "
+                            "use one dtype")
+        if name == "w":
+            check_weight_shape(t, layout, B)
+        elif t.dim() != (1 if name == "bias" else 2):
+            raise ValueError(f"{name} must be {'1-D' if name == 'bias' else '2-D (N, features)'}, "
+                             f"got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+    return B
 
 
 def _stream_kw(target, launch):

@@ -63,11 +63,12 @@ def conv_geometry(input_size, kernel_size, stride=1, padding=0, dilation=1) -> C
 
     ``padding`` is an int, a pair, ``'valid'`` (no padding) or ``'same'`` (output size
     equal to the input size; stride 1 only; an odd total padding puts the extra row /
-    column at the bottom / right, as PyTorch does).
+    column at the bottom / right, as PyTorch does).  ``input_size`` and ``kernel_size``
+    are ints or pairs of ints (sizes >= 0 and >= 1).
     """
     sh, sw = _pair(stride, "stride", 1)
     dil = _pair(dilation, "dilation", 1)
-    kh, kw = kernel_size
+    kh, kw = _pair(kernel_size, "kernel_size", 1)
     if isinstance(padding, str):
         if padding == "valid":
             pads = (0, 0, 0, 0)
@@ -81,7 +82,7 @@ def conv_geometry(input_size, kernel_size, stride=1, padding=0, dilation=1) -> C
     else:
         ph, pw = _pair(padding, "padding", 0)
         pads = (ph, ph, pw, pw)
-    height, width = input_size
+    height, width = _pair(input_size, "input_size", 0)
     out_h = (height + pads[0] + pads[1] - dil[0] * (kh - 1) - 1) // sh + 1
     out_w = (width + pads[2] + pads[3] - dil[1] * (kw - 1) - 1) // sw + 1
     if out_h < 1 or out_w < 1:
@@ -90,36 +91,44 @@ def conv_geometry(input_size, kernel_size, stride=1, padding=0, dilation=1) -> C
     return ConvGeometry((sh, sw), (pads[0], pads[2]), dil, (out_h, out_w))
 
 
+def _conv_kernel(name: str, device: torch.device):
+    """``(kernel function, target)`` for tensors on ``device``.  On CUDA targets the
+    unchecked launcher: the tables are a BlockLayout's (valid by construction) and
+    :func:`block_sparse_conv2d` checked the tensors against it; the checked wrapper
+    would copy the device tables to the host on every call.  The CPU conv functions
+    check their arguments themselves (cheap next to a convolution)."""
+    kernels, target = backend._kernels("conv", device)
+    return getattr(kernels, "_" + name if target == "cuda" else name), target
+
+
 def _conv_forward(x, w, layout, block_size, geometry):
-    kernels, target = backend._kernels("conv", x.device)
+    kernel, target = _conv_kernel("forward", x.device)
     n = x.shape[0]
     y = torch.empty((n, layout.out_blocks * block_size, *geometry.output_size), dtype=x.dtype, device=x.device)
     with backend._Launch(target, x.device) as launch:
-        kernels.forward(launch.array(x), launch.array(w), *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
-                        block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(y),
-                        **backend._stream_kw(target, launch))
+        kernel(launch.array(x), launch.array(w), *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
+               block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(y),
+               **backend._stream_kw(target, launch))
     return y
 
 
 def _conv_backward_data(dy, w, layout, block_size, geometry, input_size):
-    kernels, target = backend._kernels("conv", dy.device)
+    kernel, target = _conv_kernel("backward_data", dy.device)
     dx = torch.empty((dy.shape[0], layout.in_blocks * block_size, *input_size), dtype=dy.dtype, device=dy.device)
     with backend._Launch(target, dy.device) as launch:
-        kernels.backward_data(launch.array(dy), launch.array(w),
-                              *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
-                              block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(dx),
-                              **backend._stream_kw(target, launch))
+        kernel(launch.array(dy), launch.array(w), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
+               block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(dx),
+               **backend._stream_kw(target, launch))
     return dx
 
 
 def _conv_backward_weight(x, dy, w_shape, layout, block_size, geometry):
-    kernels, target = backend._kernels("conv", x.device)
+    kernel, target = _conv_kernel("backward_weight", x.device)
     dw = torch.zeros(w_shape, dtype=x.dtype, device=x.device)
     with backend._Launch(target, x.device) as launch:
-        kernels.backward_weight(launch.array(x), launch.array(dy),
-                                *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
-                                block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(dw),
-                                **backend._stream_kw(target, launch))
+        kernel(launch.array(x), launch.array(dy), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
+               block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(dw),
+               **backend._stream_kw(target, launch))
     return dw
 
 
@@ -189,11 +198,23 @@ def block_sparse_conv2d(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
     return _BlockSparseConv2d.apply(x.contiguous(), w.contiguous(), layout, block_size, geometry)
 
 
+def _check_dense_args(name: str, t, layout, block_size) -> tuple:
+    """``(layout, B)`` after checking that ``t`` is a torch tensor and ``layout`` (a
+    BlockLayout or a mask) and ``block_size`` are valid."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return as_layout(layout), check_block_size(block_size)
+
+
 def dense_conv_weight(w: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
     """Dense ``(out_channels, in_channels, kh, kw)`` weight (like ``nn.Conv2d.weight``)
-    from blocks ``w (capacity, kh, kw, B, B)``; differentiable in ``w``, zeros where the
-    layout has no block."""
-    B = block_size
+    from blocks ``w (layout.capacity, kh, kw, B, B)``; differentiable in ``w``, zeros
+    where the layout has no block.  ValueError when ``w`` does not fit the layout."""
+    layout, B = _check_dense_args("w", w, layout, block_size)
+    if w.dim() != 5 or w.shape[0] != layout.capacity or tuple(w.shape[3:]) != (B, B) \
+            or w.shape[1] < 1 or w.shape[2] < 1:
+        raise ValueError(f"w must have shape (capacity, kh, kw, B, B) = ({layout.capacity}, kh, kw, {B}, {B}) "
+                         f"with kh, kw >= 1, got {tuple(w.shape)}")
     kh, kw = w.shape[1], w.shape[2]
     rows = layout.index_tensor("entry_rows", w.device)
     cols = layout.index_tensor("entry_cols", w.device)
@@ -205,9 +226,15 @@ def dense_conv_weight(w: torch.Tensor, layout: BlockLayout, block_size: int) -> 
 
 def conv_blocks_from_dense(dense: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
     """Blocks ``(capacity, kh, kw, B, B)`` cut from a dense ``(out, in, kh, kw)`` weight at
-    the layout's live entries (free slots are zero)."""
-    B = block_size
-    out_ch, in_ch, kh, kw = dense.shape
+    the layout's live entries (free slots are zero); ``out = layout.out_blocks * B``,
+    ``in = layout.in_blocks * B``, else ValueError."""
+    layout, B = _check_dense_args("dense", dense, layout, block_size)
+    expected = (layout.out_blocks * B, layout.in_blocks * B)
+    if dense.dim() != 4 or tuple(dense.shape[:2]) != expected or dense.shape[2] < 1 or dense.shape[3] < 1:
+        raise ValueError(f"dense must have shape (out_channels, in_channels, kh, kw) = ({expected[0]}, "
+                         f"{expected[1]}, kh, kw) with kh, kw >= 1 for this layout and block size {B}, "
+                         f"got {tuple(dense.shape)}")
+    kh, kw = dense.shape[2], dense.shape[3]
     blocks = dense.reshape(layout.out_blocks, B, layout.in_blocks, B, kh, kw)   # [j, c, i, k, dh, dw]
     rows = layout.index_tensor("entry_rows", dense.device)
     cols = layout.index_tensor("entry_cols", dense.device)

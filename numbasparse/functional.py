@@ -22,15 +22,15 @@ class _BlockSparseMatMul(torch.autograd.Function):
         ctx.layout = layout
         ctx.block_size = block_size
         ctx.save_for_backward(x2d, w)
-        return backend.forward(x2d, w, layout, block_size, bias)
+        return backend._forward(x2d, w, layout, block_size, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x2d, w = ctx.saved_tensors
         dy = dy.contiguous()
-        dx, dw = backend.backward(dy, x2d, w, ctx.layout, ctx.block_size,
-                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dx, dw = backend._backward(dy, x2d, w, ctx.layout, ctx.block_size,
+                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         db = dy.sum(0) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None
 
@@ -76,7 +76,7 @@ def block_sparse_matmul(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
         y = _BlockSparseMatMul.apply(x2d, w, bias, layout, block_size)
     else:
-        y = backend.forward(x2d, w, layout, block_size, bias)
+        y = backend._forward(x2d, w, layout, block_size, bias)
     return y.reshape(*lead, out_features)
 
 

@@ -499,13 +499,13 @@ def test_simulate_cuda_really_switches_backend(monkeypatch):
     import numbasparse.kernels.cuda.matmul as cuda_matmul
 
     calls = []
-    original = cuda_matmul.forward
+    original = cuda_matmul._forward   # the unchecked launcher the backend calls
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cuda_matmul, "forward", spy)
+    monkeypatch.setattr(cuda_matmul, "_forward", spy)
     mask = np.array([[1, 1]], dtype=bool)
     x = randn((2, 8), torch.float32, 1)
     w = randn((2, 8, 8), torch.float32, 2)

@@ -22,20 +22,30 @@ tap, and loops over everything that feeds it, so results are deterministic.  A
 thread-block has 64 threads viewed as an 8 x 8 grid ``tx = threadIdx.x % 8``,
 ``ty = threadIdx.x // 8``.
 
+Every grid is one-dimensional (``gridDim.y`` / ``.z`` stop at 65535, which a layout
+with more channel blocks would exceed); each kernel decomposes ``blockIdx.x`` itself.
+
 Kernels are built lazily per ``(B, dtype)`` (shared-array shapes are compile-time
-constants) and cached.  Host wrappers launch on ``stream`` and never synchronize.
+constants) and cached.  Two entries per kernel, as in :mod:`.matmul`: the public
+``forward`` / ``backward_data`` / ``backward_weight`` check shapes, dtypes, block
+size, geometry and every value of the layout tables (device tables are copied to the
+host for that, synchronizing on ``stream``); the private ``_forward`` /
+``_backward_data`` / ``_backward_weight`` launch unchecked on ``stream`` and never
+synchronize, for callers whose arguments are valid by construction.
 """
 from __future__ import annotations
 
 import functools
+import numbers
 
 import numpy as np
 from numba import cuda
 
+from .host import check_floats, check_grouped_tables, dtype_of, flat_grid, host_in, shape_of
+
 __all__ = ["forward", "backward_data", "backward_weight", "BLOCK_SIZES", "PIXEL_TILE", "THREADS"]
 
 BLOCK_SIZES = (8, 16, 32)
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _TX = 8
 _TY = 8
 THREADS = _TX * _TY
@@ -56,9 +66,11 @@ def _forward_kernel(B: int, dtype_str: str):
     W_ITEMS = (B * B + NT - 1) // NT
 
     # Thread/data mapping.
-    #   grid = (N * ceil(Ho*Wo / TP), out_blocks); blockIdx.x = n * tiles + pixel tile,
-    #   blockIdx.y = j.  The thread-block owns y[n, jB:(j+1)B, p0:p0+TP] (p = oh*Wo + ow)
-    #   and nothing else writes it.  Thread (ty, tx) accumulates in registers the RP x RC outputs
+    #   grid = (out_blocks * N * tiles,) with tiles = ceil(Ho*Wo / TP) (see _pixel_grid);
+    #   blockIdx.x = (j * N + n) * tiles + pixel tile (tiles fastest, then images, then
+    #   the output block column j).  The thread-block owns y[n, jB:(j+1)B, p0:p0+TP]
+    #   (p = oh*Wo + ow) and nothing else writes it.  Thread (ty, tx) accumulates in
+    #   registers the RP x RC outputs
     #       pixel p0 + tx + a*TX, channel jB + ty + b*TY   (a < RP, b < RC),
     #   so a warp writes runs of consecutive pixels (coalesced NCHW stores).
     #   For every live input block i of column j and every tap (uniform trip counts, so
@@ -80,9 +92,10 @@ def _forward_kernel(B: int, dtype_str: str):
         out_w = y.shape[3]
         n_pix = y.shape[2] * out_w
         tiles = (n_pix + TP - 1) // TP
-        n = cuda.blockIdx.x // tiles
-        p0 = (cuda.blockIdx.x - n * tiles) * TP
-        j = cuda.blockIdx.y
+        image_tile = cuda.blockIdx.x // tiles
+        p0 = (cuda.blockIdx.x - image_tile * tiles) * TP
+        j = image_tile // y.shape[0]
+        n = image_tile - j * y.shape[0]
         x_s = cuda.shared.array((TP, BP), DT)
         w_s = cuda.shared.array((B, BP), DT)
         acc = cuda.local.array((RP, RC), DT)
@@ -147,8 +160,9 @@ def _data_kernel(B: int, dtype_str: str):
     W_ITEMS = (B * B + NT - 1) // NT
 
     # Thread/data mapping.
-    #   grid = (N * ceil(H*W / TP), in_blocks); blockIdx.x = n * tiles + pixel tile,
-    #   blockIdx.y = i.  The thread-block owns dx[n, iB:(i+1)B, p0:p0+TP] (p = ih*W + iw).
+    #   grid = (in_blocks * N * tiles,) with tiles = ceil(H*W / TP) (see _pixel_grid);
+    #   blockIdx.x = (i * N + n) * tiles + pixel tile.  The thread-block owns
+    #   dx[n, iB:(i+1)B, p0:p0+TP] (p = ih*W + iw) and nothing else writes it.
     #   Thread (ty, tx) accumulates the RP x RC outputs pixel p0 + tx + a*TX, channel
     #   iB + ty + b*TY.
     #   For every live output block j of row i and every tap (dh, dw):
@@ -169,9 +183,10 @@ def _data_kernel(B: int, dtype_str: str):
         width = dx.shape[3]
         n_pix = dx.shape[2] * width
         tiles = (n_pix + TP - 1) // TP
-        n = cuda.blockIdx.x // tiles
-        p0 = (cuda.blockIdx.x - n * tiles) * TP
-        i = cuda.blockIdx.y
+        image_tile = cuda.blockIdx.x // tiles
+        p0 = (cuda.blockIdx.x - image_tile * tiles) * TP
+        i = image_tile // dx.shape[0]
+        n = image_tile - i * dx.shape[0]
         d_s = cuda.shared.array((TP, BP), DT)
         w_s = cuda.shared.array((B, BP), DT)
         acc = cuda.local.array((RP, RC), DT)
@@ -239,7 +254,8 @@ def _weight_kernel(B: int, dtype_str: str):
     ITEMS = (TP * B + NT - 1) // NT
 
     # Thread/data mapping.
-    #   grid = (nnz, kh*kw); blockIdx = (live entry e in row-major order, tap).  The
+    #   grid = (kh*kw * nnz,) (see _weight_grid); blockIdx.x = tap * nnz + e, for live
+    #   entry e in row-major order (entries fastest) and tap = dh*kw + dw.  The
     #   thread-block owns dw[s, dh, dw] (B x B) of entry e = (i, j, s) and nothing else
     #   writes it; dead slots are never touched.  Thread (ty, tx) accumulates the
     #   RA x RB outputs dw[s, dh, dw, ty + a*TY, tx + b*TX].  The thread-block walks
@@ -252,8 +268,9 @@ def _weight_kernel(B: int, dtype_str: str):
         t = cuda.threadIdx.x
         tx = t % TX
         ty = t // TX
-        e = cuda.blockIdx.x
-        tap = cuda.blockIdx.y
+        nnz = cols.shape[0]
+        tap = cuda.blockIdx.x // nnz
+        e = cuda.blockIdx.x - tap * nnz
         kw = dw.shape[2]
         dh = tap // kw
         dwi = tap - dh * kw
@@ -319,79 +336,112 @@ def _weight_kernel(B: int, dtype_str: str):
     return kernel
 
 
-# ---------------------------------------------------------------------- host helpers
-def _dtype_of(array) -> np.dtype:
-    dt = getattr(array, "dtype", None)
-    if dt is not None:
-        try:
-            return np.dtype(dt)
-        except TypeError:
-            pass
-    iface = getattr(array, "__cuda_array_interface__", None) or getattr(array, "__array_interface__", None)
-    if iface is None:
-        raise TypeError(f"cannot determine the dtype of {type(array).__name__}")
-    return np.dtype(iface["typestr"])
+# ---------------------------------------------------------------------- grids
+def _pixel_grid(n_img: int, n_pix: int, groups: int) -> tuple:
+    """1-D grid of the forward / data-gradient kernels: ``ceil(n_pix / PIXEL_TILE)``
+    pixel tiles of each of ``n_img`` images for each of ``groups`` channel blocks."""
+    return flat_grid((n_pix + PIXEL_TILE - 1) // PIXEL_TILE, n_img, groups)
 
 
-def _in(array):
-    """Host (numpy) inputs are read-only for the launch: no copy back after the kernel."""
-    return cuda.In(array) if isinstance(array, np.ndarray) else array
+def _weight_grid(nnz: int, taps: int) -> tuple:
+    """1-D grid of the weight-gradient kernel: one thread-block per live entry and tap."""
+    return flat_grid(nnz, taps)
 
 
-def _check(B, arrays, w):
-    if B not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {B!r}")
-    dtypes = {name: _dtype_of(a) for name, a in arrays.items()}
-    dt = next(iter(dtypes.values()))
-    if dt not in _DTYPES:
-        raise TypeError(f"only float32 and float64 are supported, got {dt}")
-    if any(d != dt for d in dtypes.values()):
-        raise TypeError("dtype mismatch: " + ", ".join(f"{n}={d}" for n, d in dtypes.items()))
-    if len(w.shape) != 5 or tuple(w.shape[3:]) != (B, B):
-        raise ValueError(f"weights must be (capacity, kh, kw, {B}, {B}), got shape {tuple(w.shape)}")
-    return dt
-
-
+# ------------------------------------------------------------ unchecked launches
 def _geometry_args(stride, padding, dilation):
     return (int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]), int(dilation[0]), int(dilation[1]))
+
+
+def _forward(x, w, col_ptr, col_rows, col_slots, block_size, stride, padding, dilation, y, stream=0):
+    """Unchecked :func:`forward`: the arguments must already fit each other."""
+    grid = _pixel_grid(y.shape[0], y.shape[2] * y.shape[3], col_ptr.shape[0] - 1)
+    if grid[0] == 0:
+        return
+    _forward_kernel(int(block_size), dtype_of(x).str)[grid, THREADS, stream](
+        host_in(x), host_in(w), host_in(col_ptr), host_in(col_rows), host_in(col_slots),
+        *_geometry_args(stride, padding, dilation), y)
+
+
+def _backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, stride, padding, dilation, dx, stream=0):
+    """Unchecked :func:`backward_data`: the arguments must already fit each other."""
+    grid = _pixel_grid(dx.shape[0], dx.shape[2] * dx.shape[3], row_ptr.shape[0] - 1)
+    if grid[0] == 0:
+        return
+    _data_kernel(int(block_size), dtype_of(dy).str)[grid, THREADS, stream](
+        host_in(dy), host_in(w), host_in(row_ptr), host_in(row_cols), host_in(row_slots),
+        *_geometry_args(stride, padding, dilation), dx)
+
+
+def _backward_weight(x, dy, row_ptr, row_cols, row_slots, block_size, stride, padding, dilation, dw, stream=0):
+    """Unchecked :func:`backward_weight`: the arguments must already fit each other."""
+    grid = _weight_grid(row_cols.shape[0], dw.shape[1] * dw.shape[2])
+    if grid[0] == 0:
+        return
+    _weight_kernel(int(block_size), dtype_of(x).str)[grid, THREADS, stream](
+        host_in(x), host_in(dy), host_in(row_ptr), host_in(row_cols), host_in(row_slots),
+        *_geometry_args(stride, padding, dilation), dw)
+
+
+# ------------------------------------------------------------------- checked API
+def _check_operands(block_size, arrays, weights, stride, padding, dilation):
+    """``(B, shapes)`` after checking the block size, the dtypes, the ranks (``weights``,
+    the name of the weight-shaped array, 5-D ``(capacity, kh, kw, B, B)`` with
+    ``kh, kw >= 1``; activations 4-D NCHW with channels a multiple of B), equal image
+    counts and the geometry numbers."""
+    ranks = {name: 5 if name == weights else 4 for name in arrays}
+    check_floats(block_size, BLOCK_SIZES, arrays, ranks)
+    B = int(block_size)
+    shapes = {name: shape_of(name, a) for name, a in arrays.items()}
+    wshape = shapes[weights]
+    if wshape[3:] != (B, B) or wshape[1] < 1 or wshape[2] < 1:
+        raise ValueError(f"{weights} must have shape (capacity, kh, kw, {B}, {B}) with kh, kw >= 1, got {wshape}")
+    images = None
+    for name, shape in shapes.items():
+        if name == weights:
+            continue
+        if shape[1] % B:
+            raise ValueError(f"{name} has {shape[1]} channels, not a multiple of block_size {B}")
+        if images is None:
+            images = (name, shape[0])
+        elif shape[0] != images[1]:
+            raise ValueError(f"image count mismatch: {images[0]} has {images[1]} images, {name} has {shape[0]}")
+    for what, pair, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low
+                                 for v in pair):
+            raise ValueError(f"{what} must be a pair of integers >= {low}, got {pair!r}")
+    return B, shapes
 
 
 def forward(x, w, col_ptr, col_rows, col_slots, block_size, stride, padding, dilation, y, stream=0):
     """y (N, K, Ho, Wo) = conv2d(x (N, C, H, W), W); every element of y is written.
 
-    ``stride = (sh, sw)``, ``padding = (top, left)``, ``dilation = (dil_h, dil_w)``.
+    ``stride = (sh, sw)``, ``padding = (top, left)``, ``dilation = (dil_h, dil_w)``;
+    ``y``'s spatial size sets the output grid.  Tables: ``col_ptr`` of length
+    ``K/B + 1``, ``col_rows < C/B``, ``col_slots < capacity``.  Checks everything first
+    (device tables are copied to the host for that).
     """
-    B = int(block_size)
-    dt = _check(B, {"x": x, "w": w, "y": y}, w)
-    n, out_blocks = int(y.shape[0]), int(col_ptr.shape[0]) - 1
-    n_pix = int(y.shape[2]) * int(y.shape[3])
-    if n == 0 or out_blocks == 0 or n_pix == 0:
-        return
-    grid = (n * ((n_pix + PIXEL_TILE - 1) // PIXEL_TILE), out_blocks)
-    _forward_kernel(B, dt.str)[grid, THREADS, stream](
-        _in(x), _in(w), _in(col_ptr), _in(col_rows), _in(col_slots), *_geometry_args(stride, padding, dilation), y)
+    B, shapes = _check_operands(block_size, {"x": x, "w": w, "y": y}, "w", stride, padding, dilation)
+    check_grouped_tables("col", col_ptr, col_rows, col_slots, shapes["y"][1] // B, shapes["x"][1] // B,
+                         shapes["w"][0], stream)
+    _forward(x, w, col_ptr, col_rows, col_slots, B, stride, padding, dilation, y, stream)
 
 
 def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, stride, padding, dilation, dx, stream=0):
-    """dx (N, C, H, W): gradient of the convolution with respect to x; every element written."""
-    B = int(block_size)
-    dt = _check(B, {"dy": dy, "w": w, "dx": dx}, w)
-    n, in_blocks = int(dx.shape[0]), int(row_ptr.shape[0]) - 1
-    n_pix = int(dx.shape[2]) * int(dx.shape[3])
-    if n == 0 or in_blocks == 0 or n_pix == 0:
-        return
-    grid = (n * ((n_pix + PIXEL_TILE - 1) // PIXEL_TILE), in_blocks)
-    _data_kernel(B, dt.str)[grid, THREADS, stream](
-        _in(dy), _in(w), _in(row_ptr), _in(row_cols), _in(row_slots), *_geometry_args(stride, padding, dilation), dx)
+    """dx (N, C, H, W): gradient of the convolution with respect to x, from dy
+    (N, K, Ho, Wo); every element written.  Tables: ``row_ptr`` of length ``C/B + 1``,
+    ``row_cols < K/B``, ``row_slots < capacity``.  Checks everything first."""
+    B, shapes = _check_operands(block_size, {"dy": dy, "w": w, "dx": dx}, "w", stride, padding, dilation)
+    check_grouped_tables("row", row_ptr, row_cols, row_slots, shapes["dx"][1] // B, shapes["dy"][1] // B,
+                         shapes["w"][0], stream)
+    _backward_data(dy, w, row_ptr, row_cols, row_slots, B, stride, padding, dilation, dx, stream)
 
 
 def backward_weight(x, dy, row_ptr, row_cols, row_slots, block_size, stride, padding, dilation, dw, stream=0):
-    """dw (capacity, kh, kw, B, B): gradient at the live slots (overwritten); dead slots untouched."""
-    B = int(block_size)
-    dt = _check(B, {"x": x, "dy": dy, "dw": dw}, dw)
-    nnz = int(row_cols.shape[0])
-    taps = int(dw.shape[1]) * int(dw.shape[2])
-    if nnz == 0 or taps == 0:
-        return
-    _weight_kernel(B, dt.str)[(nnz, taps), THREADS, stream](
-        _in(x), _in(dy), _in(row_ptr), _in(row_cols), _in(row_slots), *_geometry_args(stride, padding, dilation), dw)
+    """dw (capacity, kh, kw, B, B): gradient at the live slots (overwritten); dead slots
+    untouched.  Tables as in :func:`backward_data` (``row_ptr`` of length ``C/B + 1``
+    with ``C`` the channels of x).  Checks everything first."""
+    B, shapes = _check_operands(block_size, {"x": x, "dy": dy, "dw": dw}, "dw", stride, padding, dilation)
+    check_grouped_tables("row", row_ptr, row_cols, row_slots, shapes["x"][1] // B, shapes["dy"][1] // B,
+                         shapes["dw"][0], stream)
+    _backward_weight(x, dy, row_ptr, row_cols, row_slots, B, stride, padding, dilation, dw, stream)

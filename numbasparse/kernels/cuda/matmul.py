@@ -16,12 +16,25 @@ memory; every thread keeps a small register tile of accumulators.  A thread-bloc
 ``_THREADS = 64`` threads viewed as an ``_TY x _TX = 8 x 8`` grid
 (``tx = threadIdx.x % 8``, ``ty = threadIdx.x // 8``).
 
+Every grid is one-dimensional (``gridDim.y`` / ``.z`` stop at 65535, which a layout
+with more block columns would exceed); each kernel decomposes ``blockIdx.x`` itself.
+
 Kernels are built lazily per ``(B, dtype)`` by small factories (shared-array shapes
 must be compile-time constants, so they are closure constants of each factory) and
-cached.  Host wrappers launch on ``stream`` and never synchronize the host.  They accept
-anything a numba.cuda kernel accepts (numba device arrays, ``cuda.as_cuda_array``
-views, objects exposing ``__cuda_array_interface__``; numpy arrays under the CUDA
-simulator).
+cached.  They accept anything a numba.cuda kernel accepts (numba device arrays,
+``cuda.as_cuda_array`` views, objects exposing ``__cuda_array_interface__``; numpy
+arrays under the CUDA simulator).
+
+Two entries per kernel:
+
+* ``forward`` / ``backward_data`` / ``backward_weight`` (public, checked): shapes,
+  dtypes, block size and every value of the layout tables are checked before the
+  launch.  Device tables are copied to the host for that, which synchronizes on
+  ``stream``: the checked entry is the slower one.
+* ``_forward`` / ``_backward_data`` / ``_backward_weight`` (private, unchecked): for
+  callers whose arguments are valid by construction (:mod:`numbasparse.backend`,
+  whose tables come from a :class:`~numbasparse.layout.BlockLayout` and whose tensors
+  were checked against it).  They launch on ``stream`` and never synchronize the host.
 """
 from __future__ import annotations
 
@@ -30,10 +43,11 @@ import functools
 import numpy as np
 from numba import cuda
 
+from .host import check_entry_tables, check_floats, check_grouped_tables, dtype_of, flat_grid, host_in, shape_of
+
 __all__ = ["forward", "backward_data", "backward_weight", "BLOCK_SIZES", "ROW_TILE", "THREADS"]
 
 BLOCK_SIZES = (8, 16, 32)
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _TX = 8              # thread-grid columns
 _TY = 8              # thread-grid rows
@@ -68,8 +82,10 @@ def _gather_kernel(B: int, dtype_str: str, transpose: bool):
     TRANSPOSE = transpose
 
     # Thread/data mapping.
-    #   grid = (ceil(N / TN), out_blocks); blockIdx.x = row tile (rows n0 = blockIdx.x*TN
-    #   .. n0+TN-1), blockIdx.y = output block column j.  The thread-block owns
+    #   grid = (tiles * out_blocks,) with tiles = ceil(N / TN) (see _gather_grid);
+    #   blockIdx.x = j * tiles + row tile: output block column j = blockIdx.x // tiles,
+    #   rows n0 = (blockIdx.x % tiles) * TN .. n0+TN-1 (row tiles of one column run
+    #   next to each other and share its weight blocks).  The thread-block owns
     #   out[n0:n0+TN, jB:(j+1)B] and nothing else writes it.
     #   Thread (ty, tx) accumulates, in registers acc[r, c], the TM x TC outputs
     #       out[n0 + ty + r*TY, jB + tx + c*TX]   for r < TM, c < TC
@@ -88,9 +104,10 @@ def _gather_kernel(B: int, dtype_str: str, transpose: bool):
         t = cuda.threadIdx.x
         tx = t % TX
         ty = t // TX
-        n0 = cuda.blockIdx.x * TN
-        j = cuda.blockIdx.y
         n_rows = a.shape[0]
+        tiles = (n_rows + TN - 1) // TN
+        j = cuda.blockIdx.x // tiles
+        n0 = (cuda.blockIdx.x - j * tiles) * TN
         a_s = cuda.shared.array((TN, BP), DT)
         w_s = cuda.shared.array((B, BP), DT)
         acc = cuda.local.array((TM, TC), DT)
@@ -155,8 +172,9 @@ def _weight_kernel(B: int, dtype_str: str):
     SIZE = TN * B
 
     # Thread/data mapping.
-    #   grid = (nnz,); blockIdx.x = live entry e = (i, j, s).  The thread-block owns
-    #   dw[s] (B x B) and nothing else writes it; dead slots are never touched.
+    #   grid = (nnz,) (see _weight_grid); blockIdx.x = live entry e = (i, j, s).  The
+    #   thread-block owns dw[s] (B x B) and nothing else writes it; dead slots are never
+    #   touched.
     #   Thread (ty, tx) accumulates, in registers acc[a, b], the TA x TB outputs
     #       dw[s, ty + a*TY, tx + b*TX]   for a < TA, b < TB.
     #   The thread-block walks N in chunks of TN rows (uniform trip count, so every
@@ -214,109 +232,111 @@ def _weight_kernel(B: int, dtype_str: str):
     return kernel
 
 
-# ---------------------------------------------------------------------- host helpers
-def _dtype_of(array) -> np.dtype:
-    dt = getattr(array, "dtype", None)
-    if dt is not None:
-        try:
-            return np.dtype(dt)
-        except TypeError:
-            pass
-    iface = getattr(array, "__cuda_array_interface__", None)
-    if iface is None:
-        iface = getattr(array, "__array_interface__", None)
-    if iface is None:
-        raise TypeError(f"cannot determine the dtype of {type(array).__name__}")
-    return np.dtype(iface["typestr"])
+# ---------------------------------------------------------------------- grids
+def _gather_grid(n_rows: int, groups: int) -> tuple:
+    """1-D grid of the gather kernel: ``ceil(n_rows / ROW_TILE)`` row tiles for each of
+    ``groups`` output block columns (forward) or block rows (data gradient)."""
+    return flat_grid((n_rows + _TN - 1) // _TN, groups)
 
 
-def _in(array):
-    """Mark host (numpy) inputs read-only for the launch: no copy back after the kernel.
-
-    Device arrays pass through.  Needed for the layout's read-only numpy tables (CUDA
-    simulator, or host tables on a real GPU), and saves a copy for the other inputs.
-    """
-    return cuda.In(array) if isinstance(array, np.ndarray) else array
+def _weight_grid(nnz: int) -> tuple:
+    """1-D grid of the weight-gradient kernel: one thread-block per live entry."""
+    return flat_grid(nnz)
 
 
-def _check_common(B, arrays):
-    if B not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {B!r}")
-    dtypes = {name: _dtype_of(a) for name, a in arrays.items()}
-    dt = next(iter(dtypes.values()))
-    if dt not in _DTYPES:
-        raise TypeError(f"only float32 and float64 are supported, got {dt}")
-    if any(d != dt for d in dtypes.values()):
-        raise TypeError("dtype mismatch: " + ", ".join(f"{n}={d}" for n, d in dtypes.items()))
-    for name, a in arrays.items():
-        if len(a.shape) != (3 if name in ("w", "dw") else 2):
-            raise ValueError(f"{name} has shape {tuple(a.shape)}")
-    return dt
-
-
-def _check_w(w, B):
-    if tuple(w.shape[1:]) != (B, B):
-        raise ValueError(f"weight blocks must be ({B}, {B}), got shape {tuple(w.shape)}")
-
-
+# ------------------------------------------------------------ unchecked launches
 def _launch_gather(a, w, ptr, idx, slots, B, out, stream, transpose):
-    n = int(a.shape[0])
-    n_blocks_out = int(ptr.shape[0]) - 1
-    if out.shape[0] != n:
-        raise ValueError(f"row mismatch: {n} input rows, {out.shape[0]} output rows")
-    if out.shape[1] != n_blocks_out * B:
-        raise ValueError(f"output has {out.shape[1]} features, the layout gives {n_blocks_out} blocks of {B}")
-    if a.shape[1] % B:
-        raise ValueError(f"input features {a.shape[1]} are not a multiple of block_size {B}")
-    grid = ((n + _TN - 1) // _TN, n_blocks_out)
-    if grid[0] == 0 or grid[1] == 0:
+    grid = _gather_grid(a.shape[0], ptr.shape[0] - 1)
+    if grid[0] == 0:
         return
-    dt = _dtype_of(a)
-    kernel = _gather_kernel(B, dt.str, transpose)
-    kernel[grid, _THREADS, stream](_in(a), _in(w), _in(ptr), _in(idx), _in(slots), out)
+    kernel = _gather_kernel(B, dtype_of(a).str, transpose)
+    kernel[grid, _THREADS, stream](host_in(a), host_in(w), host_in(ptr), host_in(idx), host_in(slots), out)
+
+
+def _forward(x, w, col_ptr, col_rows, col_slots, block_size, y, stream=0):
+    """Unchecked :func:`forward`: the arguments must already fit each other."""
+    _launch_gather(x, w, col_ptr, col_rows, col_slots, block_size, y, stream, False)
+
+
+def _backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx, stream=0):
+    """Unchecked :func:`backward_data`: the arguments must already fit each other."""
+    _launch_gather(dy, w, row_ptr, row_cols, row_slots, block_size, dx, stream, True)
+
+
+def _backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw, stream=0):
+    """Unchecked :func:`backward_weight`: the arguments must already fit each other."""
+    if x.shape[0] == 0:
+        return
+    grid = _weight_grid(entry_rows.shape[0])
+    if grid[0] == 0:
+        return
+    kernel = _weight_kernel(block_size, dtype_of(x).str)
+    kernel[grid, _THREADS, stream](host_in(x), host_in(dy), host_in(entry_rows), host_in(entry_cols),
+                                   host_in(entry_slots), dw)
+
+
+# ------------------------------------------------------------------- checked API
+def _check_operands(block_size, arrays):
+    """``(B, shapes)`` after checking the block size, the dtypes, the ranks (weights
+    3-D ``(capacity, B, B)``, activations 2-D ``(N, multiple of B)``) and equal row
+    counts of the activations."""
+    ranks = {name: 3 if name in ("w", "dw") else 2 for name in arrays}
+    check_floats(block_size, BLOCK_SIZES, arrays, ranks)
+    B = int(block_size)
+    shapes = {name: shape_of(name, a) for name, a in arrays.items()}
+    rows = None
+    for name, shape in shapes.items():
+        if ranks[name] == 3:
+            if shape[1:] != (B, B):
+                raise ValueError(f"{name} must have shape (capacity, {B}, {B}), got {shape}")
+            continue
+        if shape[1] % B:
+            raise ValueError(f"{name} has {shape[1]} features, not a multiple of block_size {B}")
+        if rows is None:
+            rows = (name, shape[0])
+        elif shape[0] != rows[1]:
+            raise ValueError(f"row mismatch: {rows[0]} has {rows[1]} rows, {name} has {shape[0]}")
+    return B, shapes
 
 
 def forward(x, w, col_ptr, col_rows, col_slots, block_size, y, stream=0):
-    """``y = x @ W`` for the block-sparse ``W`` given by the by-column tables.
+    """``y (N, K) = x (N, C) @ W`` for the block-sparse ``W (capacity, B, B)`` given by
+    the by-column tables (``col_ptr`` of length ``K/B + 1``, ``col_rows < C/B``,
+    ``col_slots < capacity``).
 
-    Writes every element of ``y`` (exact zeros in block columns without live blocks);
-    no launch when ``N == 0`` or there are no output blocks.
+    Checks everything first (device tables are copied to the host for that).  Writes
+    every element of ``y`` (exact zeros in block columns without live blocks); no
+    launch when ``N == 0`` or there are no output blocks.
     """
-    B = int(block_size)
-    _check_common(B, {"x": x, "w": w, "y": y})
-    _check_w(w, B)
-    _launch_gather(x, w, col_ptr, col_rows, col_slots, B, y, stream, False)
+    B, shapes = _check_operands(block_size, {"x": x, "w": w, "y": y})
+    check_grouped_tables("col", col_ptr, col_rows, col_slots, shapes["y"][1] // B, shapes["x"][1] // B,
+                         shapes["w"][0], stream)
+    _forward(x, w, col_ptr, col_rows, col_slots, B, y, stream)
 
 
 def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx, stream=0):
-    """``dx = dy @ W.T`` for the block-sparse ``W`` given by the by-row tables.
+    """``dx (N, C) = dy (N, K) @ W.T`` for the block-sparse ``W`` given by the by-row
+    tables (``row_ptr`` of length ``C/B + 1``, ``row_cols < K/B``, ``row_slots < capacity``).
 
-    Writes every element of ``dx`` (exact zeros in block rows without live blocks);
-    no launch when ``N == 0`` or there are no input blocks.
+    Checks everything first (device tables are copied to the host for that).  Writes
+    every element of ``dx`` (exact zeros in block rows without live blocks); no launch
+    when ``N == 0`` or there are no input blocks.
     """
-    B = int(block_size)
-    _check_common(B, {"dy": dy, "w": w, "dx": dx})
-    _check_w(w, B)
-    _launch_gather(dy, w, row_ptr, row_cols, row_slots, B, dx, stream, True)
+    B, shapes = _check_operands(block_size, {"dy": dy, "w": w, "dx": dx})
+    check_grouped_tables("row", row_ptr, row_cols, row_slots, shapes["dx"][1] // B, shapes["dy"][1] // B,
+                         shapes["w"][0], stream)
+    _backward_data(dy, w, row_ptr, row_cols, row_slots, B, dx, stream)
 
 
 def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw, stream=0):
-    """``dw[s] = x[:, iB:(i+1)B].T @ dy[:, jB:(j+1)B]`` for every live entry ``(i, j, s)``.
+    """``dw[s] = x[:, iB:(i+1)B].T @ dy[:, jB:(j+1)B]`` for every live entry ``(i, j, s)``
+    (``entry_rows < C/B``, ``entry_cols < K/B``, ``entry_slots < dw.shape[0]``).
 
+    Checks everything first (device tables are copied to the host for that).
     Overwrites the live slots of ``dw``; dead slots are never touched (the caller
     pre-zeroes ``dw``).  No launch when ``N == 0`` or ``nnz == 0``.
     """
-    B = int(block_size)
-    _check_common(B, {"x": x, "dy": dy, "dw": dw})
-    _check_w(dw, B)
-    n = int(x.shape[0])
-    if dy.shape[0] != n:
-        raise ValueError(f"row mismatch: x has {n} rows, dy has {dy.shape[0]}")
-    if x.shape[1] % B or dy.shape[1] % B:
-        raise ValueError(f"features {x.shape[1]}, {dy.shape[1]} are not multiples of block_size {B}")
-    nnz = int(entry_rows.shape[0])
-    if n == 0 or nnz == 0:
-        return
-    kernel = _weight_kernel(B, _dtype_of(x).str)
-    kernel[(nnz,), _THREADS, stream](_in(x), _in(dy), _in(entry_rows), _in(entry_cols),
-                                     _in(entry_slots), dw)
+    B, shapes = _check_operands(block_size, {"x": x, "dy": dy, "dw": dw})
+    check_entry_tables(entry_rows, entry_cols, entry_slots, shapes["x"][1] // B, shapes["dy"][1] // B,
+                       shapes["dw"][0], stream)
+    _backward_weight(x, dy, entry_rows, entry_cols, entry_slots, B, dw, stream)
