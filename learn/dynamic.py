@@ -58,7 +58,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -70,59 +69,11 @@ from numbasparse.optim_state import reset_slots
 
 from .layers import block_grad_norms, gated_layers
 from .penalty import block_density, check_target_density
+from .reports import LayerReport, SparsityReport
 
 __all__ = ["DynamicSparsity", "SparsityReport", "LayerReport"]
 
 _REGROW_MODES = (None, "gradient", "random")
-
-
-@dataclass
-class LayerReport:
-    """One gated layer after an update: live blocks ``nnz`` of ``total`` positions."""
-    name: str
-    nnz: int
-    total: int
-    removed: int = 0
-    regrown: int = 0
-
-    @property
-    def density(self) -> float:
-        return self.nnz / self.total if self.total else 0.0
-
-
-@dataclass
-class SparsityReport:
-    """What one update did: ``step`` (training steps so far), ``update`` (1-based index of
-    the update) and one :class:`LayerReport` per gated layer."""
-    step: int
-    update: int
-    layers: list = field(default_factory=list)
-
-    @property
-    def density(self) -> float:
-        """Live fraction of all block positions of all gated layers."""
-        total = sum(r.total for r in self.layers)
-        return sum(r.nnz for r in self.layers) / total if total else 0.0
-
-    @property
-    def removed(self) -> int:
-        return sum(r.removed for r in self.layers)
-
-    @property
-    def regrown(self) -> int:
-        return sum(r.regrown for r in self.layers)
-
-    def as_dict(self) -> dict:
-        return {"step": self.step, "update": self.update, "layers": [asdict(r) for r in self.layers]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SparsityReport":
-        return cls(int(d["step"]), int(d["update"]), [LayerReport(**r) for r in d["layers"]])
-
-    def __str__(self):
-        per_layer = " ".join(f"{r.name or '<root>'}={r.density:.3f}" for r in self.layers)
-        return (f"step {self.step}: density {self.density:.3f} (removed {self.removed}, "
-                f"regrown {self.regrown}) | {per_layer}")
 
 
 def _int(value, name, minimum):

@@ -63,9 +63,7 @@ class BlockLayout:
             ``max(slots) + 1``.  Slots must be distinct and ``< capacity``.
     """
 
-    __slots__ = ("_mask", "_capacity", "entry_rows", "entry_cols", "entry_slots",
-                 "row_ptr", "row_cols", "row_slots", "col_ptr", "col_rows", "col_slots",
-                 "_slot_of", "_device_tables", "__weakref__")
+    __slots__ = ("_mask", "_capacity", "_tables", "_slot_of", "_device_tables", "__weakref__")
 
     def __init__(self, mask, slots=None, capacity=None):
         mask = _as_mask(mask)
@@ -98,24 +96,32 @@ class BlockLayout:
         if max(mask.shape) > _MAX_INDEX:
             raise ValueError(f"layout shape {mask.shape} is too large: block indices are int32")
         self._capacity = capacity
-        self.entry_rows = _frozen(rows)
-        self.entry_cols = _frozen(cols)
-        self.entry_slots = _frozen(slots)
-
         in_blocks, out_blocks = mask.shape
-        self.row_ptr = _frozen(np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=in_blocks))]))
-        self.row_cols = _frozen(cols)          # row-major order is already grouped by row
-        self.row_slots = _frozen(slots)
         by_col = np.lexsort((rows, cols))      # column-major order
-        self.col_ptr = _frozen(np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=out_blocks))]))
-        self.col_rows = _frozen(rows[by_col])
-        self.col_slots = _frozen(slots[by_col])
+        self._tables = {
+            "entry_rows": _frozen(rows), "entry_cols": _frozen(cols), "entry_slots": _frozen(slots),
+            "row_ptr": _frozen(np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=in_blocks))])),
+            "row_cols": _frozen(cols),         # row-major order is already grouped by row
+            "row_slots": _frozen(slots),
+            "col_ptr": _frozen(np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=out_blocks))])),
+            "col_rows": _frozen(rows[by_col]), "col_slots": _frozen(slots[by_col]),
+        }
         slot_of = np.full(mask.shape, -1, dtype=np.int64)
         slot_of[rows, cols] = slots
         self._slot_of = _frozen(slot_of, np.int64)
         self._device_tables = {}
 
     # ----------------------------------------------------------------- properties
+    entry_rows = property(lambda self: self._tables["entry_rows"], doc="``(nnz,)`` block row of each live entry")
+    entry_cols = property(lambda self: self._tables["entry_cols"], doc="``(nnz,)`` block column of each live entry")
+    entry_slots = property(lambda self: self._tables["entry_slots"], doc="``(nnz,)`` slot of each live entry")
+    row_ptr = property(lambda self: self._tables["row_ptr"], doc="``(in_blocks + 1,)`` offsets into row_cols/row_slots")
+    row_cols = property(lambda self: self._tables["row_cols"], doc="``(nnz,)`` output blocks, grouped by row")
+    row_slots = property(lambda self: self._tables["row_slots"], doc="``(nnz,)`` slots, grouped by row")
+    col_ptr = property(lambda self: self._tables["col_ptr"], doc="``(out_blocks + 1,)`` offsets into col_rows/col_slots")
+    col_rows = property(lambda self: self._tables["col_rows"], doc="``(nnz,)`` input blocks, grouped by column")
+    col_slots = property(lambda self: self._tables["col_slots"], doc="``(nnz,)`` slots, grouped by column")
+
     @property
     def shape(self) -> tuple:
         """``(in_blocks, out_blocks)``."""
