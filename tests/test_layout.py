@@ -167,6 +167,9 @@ def test_tables_are_read_only():
             t[0] = 3
     with pytest.raises(ValueError, match="read-only"):
         layout.slot_table[0, 0] = 1
+    for name in TABLES:  # the kernels trust a layout's tables: they cannot be swapped either
+        with pytest.raises(AttributeError):
+            setattr(layout, name, np.zeros(4, dtype=np.int32))
     check_tables(layout, MASK, [6, 2, 0, 4], 8)
 
 
