@@ -101,33 +101,49 @@ def _conv_kernel(name: str, device: torch.device):
     return getattr(kernels, "_" + name if target == "cuda" else name), target
 
 
+def _kernel_padding(geometry, input_size, kernel_size) -> tuple:
+    """``(top, left, bottom, right)`` padding for the kernel functions, which check that
+    ``y`` / ``dy`` have the output size it gives: the geometry's top / left padding and
+    the smallest non-negative bottom / right padding giving ``geometry.output_size``
+    (the bottom / right padding sets nothing but the output size)."""
+    ends = []
+    for axis in range(2):
+        span = geometry.dilation[axis] * (kernel_size[axis] - 1) + 1
+        needed = (geometry.output_size[axis] - 1) * geometry.stride[axis] + span
+        ends.append(max(0, needed - input_size[axis] - geometry.padding[axis]))
+    return (*geometry.padding, *ends)
+
+
 def _conv_forward(x, w, layout, block_size, geometry):
     kernel, target = _conv_kernel("forward", x.device)
+    padding = _kernel_padding(geometry, tuple(x.shape[2:]), tuple(w.shape[1:3]))
     n = x.shape[0]
     y = torch.empty((n, layout.out_blocks * block_size, *geometry.output_size), dtype=x.dtype, device=x.device)
     with backend._Launch(target, x.device) as launch:
         kernel(launch.array(x), launch.array(w), *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
-               block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(y),
+               block_size, geometry.stride, padding, geometry.dilation, launch.array(y),
                **backend._stream_kw(target, launch))
     return y
 
 
 def _conv_backward_data(dy, w, layout, block_size, geometry, input_size):
     kernel, target = _conv_kernel("backward_data", dy.device)
+    padding = _kernel_padding(geometry, input_size, tuple(w.shape[1:3]))
     dx = torch.empty((dy.shape[0], layout.in_blocks * block_size, *input_size), dtype=dy.dtype, device=dy.device)
     with backend._Launch(target, dy.device) as launch:
         kernel(launch.array(dy), launch.array(w), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
-               block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(dx),
+               block_size, geometry.stride, padding, geometry.dilation, launch.array(dx),
                **backend._stream_kw(target, launch))
     return dx
 
 
 def _conv_backward_weight(x, dy, w_shape, layout, block_size, geometry):
     kernel, target = _conv_kernel("backward_weight", x.device)
+    padding = _kernel_padding(geometry, tuple(x.shape[2:]), tuple(w_shape[1:3]))
     dw = torch.zeros(w_shape, dtype=x.dtype, device=x.device)
     with backend._Launch(target, x.device) as launch:
         kernel(launch.array(x), launch.array(dy), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
-               block_size, geometry.stride, geometry.padding, geometry.dilation, launch.array(dw),
+               block_size, geometry.stride, padding, geometry.dilation, launch.array(dw),
                **backend._stream_kw(target, launch))
     return dw
 

@@ -313,7 +313,7 @@ def test_cuda_matmul_grid_decomposition():
 # ------------------------------------------------------------------------ conv
 CONV_MASK = np.array([[1, 0, 1], [1, 0, 0]], dtype=bool)   # 2 x 3 blocks, column 1 empty, nnz 3
 CONV_LAYOUT = BlockLayout(CONV_MASK, slots=[3, 0, 1], capacity=4)
-GEOMETRY = ((1, 1), (1, 0), (1, 1))   # stride, (top, left) padding, dilation
+GEOMETRY = ((1, 1), (1, 0), (1, 1))   # stride, padding (1 row at the top and bottom), dilation
 
 
 def _conv_arrays(layout, n=2, size=(6, 7), kernel=(3, 2), dtype=np.float64, seed=0):

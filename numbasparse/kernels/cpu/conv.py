@@ -11,9 +11,14 @@ Shapes (all arrays C-contiguous numpy arrays, one dtype, float32 or float64):
 
 Geometry: ``y[n, jB+c, oh, ow] = sum x[n, iB+k, oh*sh - pt + dh*dil_h, ow*sw - pl + dw*dil_w]
 * w[s, dh, dw, k, c]`` over live ``(i, j, s)``, taps and ``k``; out-of-range input
-pixels are zero (``pt``, ``pl`` are the top/left padding; the bottom/right padding
-only shows in ``Ho``, ``Wo``).  Every public function checks its arguments (types,
-shapes, dtypes, table ranges) before any kernel runs.
+pixels are zero.  ``stride = (sh, sw)``, ``dilation = (dil_h, dil_w)`` and ``padding``
+either ``(ph, pw)`` (``ph`` rows at the top and at the bottom, ``pw`` columns on the
+left and on the right, as in ``torch.nn.functional.conv2d``) or ``(top, left, bottom,
+right)``; ``pt``, ``pl`` are the top / left padding, the bottom / right padding only
+shows in ``Ho = (H + top + bottom - dil_h*(kh - 1) - 1) // sh + 1`` (likewise
+``Wo``).  Every public function checks its arguments (types, shapes, dtypes, table
+ranges, the spatial size of ``y`` / ``dy`` against the geometry, no slot twice in the
+weight gradient's tables) before any kernel runs.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import functools
 
 import numpy as np
 
+from ..checks import check_conv_geometry, check_conv_sizes, check_distinct_slots
 from . import conv_programs, runtime
 from .conv_kernels import PIXEL_TILE, _gather_layout, _weight_chunk
 from .notice import compiling as _compiling
@@ -112,10 +118,12 @@ def _gather(src_cl, wp, ptr, other, grid_h, grid_w, phase_h, phase_w, count, off
 def forward(x, w, col_ptr, col_rows, col_slots, block_size, stride, padding, dilation, y):
     """y (N, K, Ho, Wo) = conv2d(x (N, C, H, W), W); every element of y is written.
 
-    ``stride = (sh, sw)``, ``padding = (pt, pl)`` (top, left), ``dilation = (dil_h, dil_w)``;
-    ``y``'s spatial size sets the output grid.  Everything is checked before a kernel runs.
+    ``stride = (sh, sw)``, ``padding = (ph, pw)`` or ``(top, left, bottom, right)``,
+    ``dilation = (dil_h, dil_w)``; ``(Ho, Wo)`` must be the output size they give.
+    Everything is checked before a kernel runs.
     """
-    B = _check(block_size, {"x": x, "w": w, "y": y}, stride, padding, dilation)
+    B, (stride, padding, dilation) = _check(block_size, {"x": x, "w": w, "y": y}, ("x", "y"), stride, padding,
+                                            dilation)
     _check_channels(x, y, col_ptr, B, "col")
     col_ptr, col_rows, col_slots = _check_tables("col", col_ptr, col_rows, col_slots, x.shape[1] // B, w.shape[0])
     n_img, _, height, width = x.shape
@@ -140,8 +148,10 @@ def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, stride, paddi
     """dx (N, C, H, W) = gradient of the convolution with respect to x, from dy (N, K, Ho, Wo).
 
     Every element of dx is written (exact zeros where no live block or tap reaches it).
+    Geometry as in :func:`forward` (``(Ho, Wo)`` the output size of ``(H, W)``).
     """
-    B = _check(block_size, {"dy": dy, "w": w, "dx": dx}, stride, padding, dilation)
+    B, (stride, padding, dilation) = _check(block_size, {"dy": dy, "w": w, "dx": dx}, ("dx", "dy"), stride,
+                                            padding, dilation)
     _check_channels(dx, dy, row_ptr, B, "row")
     row_ptr, row_cols, row_slots = _check_tables("row", row_ptr, row_cols, row_slots, dy.shape[1] // B, w.shape[0])
     n_img, _, out_h, out_w = dy.shape
@@ -166,11 +176,14 @@ def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, stride, paddi
 def backward_weight(x, dy, row_ptr, row_cols, row_slots, block_size, stride, padding, dilation, dw):
     """dw (capacity, kh, kw, B, B): gradient at the live slots; dead slots untouched.
 
-    ``x (N, C, H, W)`` and ``dy (N, K, Ho, Wo)`` are NCHW.
+    ``x (N, C, H, W)`` and ``dy (N, K, Ho, Wo)`` are NCHW; geometry as in :func:`forward`.
+    No slot may appear twice in ``row_slots`` (a slot's gradient is written by one task).
     """
-    B = _check(block_size, {"x": x, "dy": dy, "dw": dw}, stride, padding, dilation)
+    B, (stride, padding, dilation) = _check(block_size, {"x": x, "dy": dy, "dw": dw}, ("x", "dy"), stride, padding,
+                                            dilation)
     _check_channels(x, dy, row_ptr, B, "row")
     row_ptr, row_cols, row_slots = _check_tables("row", row_ptr, row_cols, row_slots, dy.shape[1] // B, dw.shape[0])
+    check_distinct_slots("row_slots", row_slots)
     if row_cols.shape[0] == 0:
         return
     n_img, k_out, out_h, out_w = dy.shape
@@ -191,8 +204,11 @@ def backward_weight(x, dy, row_ptr, row_cols, row_slots, block_size, stride, pad
 _DTYPES = ("float32", "float64")
 
 
-def _check(block_size, arrays, stride, padding, dilation):
-    """Block size, array types, dtypes, contiguity, ranks and the geometry numbers."""
+def _check(block_size, arrays, sizes, stride, padding, dilation):
+    """``(B, (stride, padding, dilation))`` after checking the block size, array types,
+    dtypes, contiguity, ranks, the geometry numbers (padding returned as ``(top, left,
+    bottom, right)``) and the spatial sizes: ``sizes = (input name, output name)``, the
+    output's size must be what the input's gives."""
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
             or int(block_size) not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
@@ -217,11 +233,10 @@ def _check(block_size, arrays, stride, padding, dilation):
     for name in ("y", "dx", "dw"):
         if name in arrays and not arrays[name].flags.writeable:
             raise ValueError(f"{name} is read-only")
-    for what, pair, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low
-                                 for v in pair):
-            raise ValueError(f"{what} must be a pair of integers >= {low}, got {pair!r}")
-    return B
+    geometry = check_conv_geometry(stride, padding, dilation)
+    kernel = arrays["dw" if "dw" in arrays else "w"].shape[1:3]
+    check_conv_sizes(sizes[0], arrays[sizes[0]].shape, sizes[1], arrays[sizes[1]].shape, kernel, *geometry)
+    return B, geometry
 
 
 def _check_channels(inputs, outputs, ptr, B, kind):

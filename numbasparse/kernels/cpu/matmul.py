@@ -17,6 +17,7 @@ import threading
 
 import numpy as np
 
+from ..checks import check_distinct_slots
 from . import runtime
 from .args import make_block, pair
 from .matmul_backward import backward_program
@@ -190,7 +191,10 @@ def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx):
 
 
 def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw):
-    """dw[s] = x[:, iB:(i+1)B]^T @ dy[:, jB:(j+1)B] at live slots; dead slots untouched."""
+    """dw[s] = x[:, iB:(i+1)B]^T @ dy[:, jB:(j+1)B] at live slots; dead slots untouched.
+
+    No slot may appear twice in ``entry_slots`` (a slot's gradient is written by one task).
+    """
     B, dtype_name = _check_operands(block_size, {"x": x, "dy": dy, "dw": dw})
     n, c = _matrix("x", x, B)
     _rows_match("dy", dy, n)
@@ -267,6 +271,7 @@ def _check_entries(rows, cols, slots, in_blocks, out_blocks, capacity):
     _in_range("entry_rows", rows, in_blocks, "input blocks")
     _in_range("entry_cols", cols, out_blocks, "output blocks")
     _in_range("entry_slots", slots, capacity, "weight slots")
+    check_distinct_slots("entry_slots", slots)
 
 
 def _in_range(name, t, bound, what):

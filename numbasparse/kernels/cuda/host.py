@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from ..checks import check_distinct_slots
+
 #: Thread-blocks a 1-D grid may hold (``gridDim.x``; ``gridDim.y`` / ``.z`` stop at
 #: 65535, so no kernel here uses them).
 MAX_GRID_X = 2 ** 31 - 1
@@ -100,10 +102,12 @@ def _in_range(name: str, values: np.ndarray, bound: int, what: str) -> None:
 
 
 def check_grouped_tables(kind: str, ptr, idx, slots, groups: int, others: int, capacity: int,
-                         stream=0) -> None:
+                         stream=0, distinct_slots: bool = False) -> None:
     """Check compressed tables (``col_*`` or ``row_*``): ``ptr`` of length ``groups + 1``
     rising from 0 to ``len(idx)``, ``len(slots) == len(idx)``, every ``idx`` value a
-    block of the other side (``< others``) and every slot ``< capacity``."""
+    block of the other side (``< others``) and every slot ``< capacity``; with
+    ``distinct_slots`` (tables of a weight gradient, which writes every slot) no slot
+    twice."""
     p = host_values(f"{kind}_ptr", ptr, stream)
     i = host_values(f"{kind} indices", idx, stream)
     s = host_values(f"{kind}_slots", slots, stream)
@@ -115,11 +119,14 @@ def check_grouped_tables(kind: str, ptr, idx, slots, groups: int, others: int, c
         raise ValueError(f"{kind}_ptr must rise monotonically from 0 to the number of entries ({i.shape[0]})")
     _in_range(f"{kind} indices", i, others, "blocks")
     _in_range(f"{kind}_slots", s, capacity, "weight slots")
+    if distinct_slots:
+        check_distinct_slots(f"{kind}_slots", s)
 
 
 def check_entry_tables(rows, cols, slots, in_blocks: int, out_blocks: int, capacity: int, stream=0) -> None:
-    """Check entry tables: one length, rows ``< in_blocks``, cols ``< out_blocks``,
-    slots ``< capacity``."""
+    """Check entry tables (those of a weight gradient): one length, rows ``< in_blocks``,
+    cols ``< out_blocks``, slots ``< capacity`` and no slot twice (the kernel writes
+    ``dw[slot]`` once per entry)."""
     r = host_values("entry_rows", rows, stream)
     c = host_values("entry_cols", cols, stream)
     s = host_values("entry_slots", slots, stream)
@@ -129,6 +136,7 @@ def check_entry_tables(rows, cols, slots, in_blocks: int, out_blocks: int, capac
     _in_range("entry_rows", r, in_blocks, "input blocks")
     _in_range("entry_cols", c, out_blocks, "output blocks")
     _in_range("entry_slots", s, capacity, "weight slots")
+    check_distinct_slots("entry_slots", s)
 
 
 # ------------------------------------------------------------------ grids

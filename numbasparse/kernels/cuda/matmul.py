@@ -330,7 +330,8 @@ def backward_data(dy, w, row_ptr, row_cols, row_slots, block_size, dx, stream=0)
 
 def backward_weight(x, dy, entry_rows, entry_cols, entry_slots, block_size, dw, stream=0):
     """``dw[s] = x[:, iB:(i+1)B].T @ dy[:, jB:(j+1)B]`` for every live entry ``(i, j, s)``
-    (``entry_rows < C/B``, ``entry_cols < K/B``, ``entry_slots < dw.shape[0]``).
+    (``entry_rows < C/B``, ``entry_cols < K/B``, ``entry_slots < dw.shape[0]``, no slot
+    twice: one thread-block writes each entry's slot).
 
     Checks everything first (device tables are copied to the host for that).
     Overwrites the live slots of ``dw``; dead slots are never touched (the caller
