@@ -7,10 +7,12 @@ reference arithmetic is float64.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -138,3 +140,47 @@ def rel_err(out, ref):
 def assert_close(out, ref, dtype, what=""):
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"{what}: relative error {err:.3e} >= {TOL[dtype]:.0e} ({dtype})"
+
+
+# ------------------------------------------------------------------ errors
+def assert_clean_error(excinfo):
+    """The error comes from numbasparse's checks: no numba error type anywhere in the chain."""
+    exc = excinfo.value
+    while exc is not None:
+        assert not type(exc).__module__.startswith("numba"), f"numba error escaped: {exc!r}"
+        exc = exc.__cause__ or exc.__context__
+
+
+def raises(exc_type, match, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` raises ``exc_type`` matching ``match``, from numbasparse's
+    own checks; returns the ExceptionInfo."""
+    with pytest.raises(exc_type, match=match) as excinfo:
+        fn(*args, **kwargs)
+    assert_clean_error(excinfo)
+    return excinfo
+
+
+# ------------------------------------------------------------------ processes
+def _child(queue, fn, args):
+    try:
+        queue.put(fn(*args))
+    except BaseException as exc:  # reported by the parent
+        queue.put(f"child raised {exc!r}")
+
+
+def run_in_forked_child(fn, *args, timeout=120):
+    """``fn(*args)`` in a child process started with ``fork``; its (picklable) result.
+    Fails the test when the child raises, dies or hangs."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(queue, fn, args))
+    child.start()
+    try:
+        result = queue.get(timeout=timeout)
+    except Exception:
+        child.kill()
+        raise AssertionError(f"the forked child died or hung (exit code {child.exitcode})") from None
+    child.join(timeout=60)
+    assert child.exitcode == 0, result
+    assert not (isinstance(result, str) and result.startswith("child raised")), result
+    return result

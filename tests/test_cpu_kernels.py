@@ -4,7 +4,6 @@ OpenMP team, the Python thread-pool fallback, forked children, concurrent caller
 weights changed between calls; and argument checks of the public kernel functions."""
 from __future__ import annotations
 
-import multiprocessing
 import threading
 
 import numpy as np
@@ -17,7 +16,7 @@ from numbasparse.kernels.cpu import matmul as cpu_matmul
 from numbasparse.kernels.cpu import runtime
 from numbasparse.kernels.cpu.panels import DIRECT_ROWS, MAX_CHUNK
 
-from helpers import mask_with_empty, permuted_layout
+from helpers import mask_with_empty, permuted_layout, run_in_forked_child
 
 IN_BLOCKS, OUT_BLOCKS = 5, 4
 # Rows: direct programs below DIRECT_ROWS, packed at and above it, ragged last tiles,
@@ -187,26 +186,15 @@ def test_concurrent_callers(always_parallel):
             assert torch.equal(a, b)
 
 
-def _child_result(queue):
-    try:
-        queue.put([t.numpy() for t in _training_results(seed=13)])
-    except BaseException as exc:  # pragma: no cover - reported by the parent
-        queue.put(repr(exc))
+def _child_result():
+    return [t.numpy() for t in _training_results(seed=13)]
 
 
 def test_forked_child_runs_the_kernels(always_parallel):
     """After the parent used the kernels (and OpenMP), a forked child still can."""
     numbasparse.set_num_threads(2)
     parent = _training_results(seed=13)
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_child_result, args=(queue,))
-    child.start()
-    result = queue.get(timeout=120)
-    child.join(timeout=60)
-    assert child.exitcode == 0, result
-    assert not isinstance(result, str), result
-    for a, b in zip(parent, result):
+    for a, b in zip(parent, run_in_forked_child(_child_result)):
         assert np.array_equal(a.numpy(), b)
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, mask_with_empty, permuted_layout, randn, reference_matmul, rel_err
+from helpers import assert_close, mask_with_empty, permuted_layout, raises, randn, reference_matmul, rel_err
 
 from numba import cuda  # noqa: E402  (after helpers: the simulator is configured there)
 
@@ -37,20 +37,6 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA 
 B = 8
 MASK = np.array([[1, 0, 1], [0, 1, 1]], dtype=bool)   # 2 input x 3 output blocks, nnz 4
 LAYOUT = BlockLayout(MASK)
-
-
-def _clean(excinfo):
-    """The error comes from numbasparse's checks: no numba error type anywhere in the chain."""
-    exc = excinfo.value
-    while exc is not None:
-        assert not type(exc).__module__.startswith("numba"), f"numba error escaped: {exc!r}"
-        exc = exc.__cause__ or exc.__context__
-
-
-def raises(exc_type, match, fn, *args, **kwargs):
-    with pytest.raises(exc_type, match=match) as excinfo:
-        fn(*args, **kwargs)
-    _clean(excinfo)
 
 
 # ======================================================== public backend functions

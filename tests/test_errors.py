@@ -12,7 +12,7 @@ from torch import nn
 from numbasparse import BlockLayout, BlockSparseLinear, BlocksparseMatMul, block_sparse_matmul, layouts
 from numbasparse import backend
 
-from helpers import randn
+from helpers import assert_clean_error, raises, randn
 
 B = 8
 MASK = np.array([[1, 0, 1], [0, 1, 1]], dtype=bool)  # 2 x 3 blocks, nnz 4
@@ -25,22 +25,6 @@ def _x(n=3, features=2 * B, dtype=torch.float32):
 
 def _w(capacity=NNZ, bs=B, dtype=torch.float32):
     return randn((capacity, bs, bs), dtype, 2)
-
-
-def _clean(excinfo):
-    """The error comes from numbasparse's checks, not from numba (no numba error type
-    anywhere in the chain)."""
-    exc = excinfo.value
-    while exc is not None:
-        assert not type(exc).__module__.startswith("numba"), f"numba error escaped: {exc!r}"
-        exc = exc.__cause__ or exc.__context__
-
-
-def raises(exc_type, match, fn, *args, **kwargs):
-    with pytest.raises(exc_type, match=match) as excinfo:
-        fn(*args, **kwargs)
-    _clean(excinfo)
-    return excinfo
 
 
 # ------------------------------------------------------------------ block_sparse_matmul
@@ -314,7 +298,7 @@ def test_load_state_dict_block_size_mismatch():
     dst = BlockSparseLinear(32, 32, layouts.dense(4, 4), block_size=8)
     with pytest.raises((ValueError, RuntimeError), match=r"block_size|size mismatch") as excinfo:
         dst.load_state_dict(src.state_dict())
-    _clean(excinfo)
+    assert_clean_error(excinfo)
 
 
 def test_simulate_cuda_without_simulator(monkeypatch):

@@ -15,6 +15,8 @@ import numbasparse
 from numbasparse import BlockSparseConv2d, layouts
 from numbasparse.kernels.cpu import runtime
 
+from helpers import run_in_forked_child
+
 B = 8
 
 
@@ -52,24 +54,9 @@ def _l0_training_step(seed):
     return [p.detach().numpy().copy() for p in model.parameters()]
 
 
-def _put_child_result(queue, seed):
-    try:
-        queue.put(_conv_results(seed))
-    except BaseException as exc:  # pragma: no cover - reported by the parent
-        queue.put(repr(exc))
-
-
 def test_forked_child_runs_the_conv_kernels(always_parallel):
     parent = _conv_results(5)
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_put_child_result, args=(queue, 5))
-    child.start()
-    result = queue.get(timeout=120)
-    child.join(timeout=60)
-    assert child.exitcode == 0, result
-    assert not isinstance(result, str), result
-    for a, b in zip(parent, result):
+    for a, b in zip(parent, run_in_forked_child(_conv_results, 5)):
         assert np.array_equal(a, b)
 
 
@@ -107,13 +94,9 @@ def test_fork_pool_trains_gated_layers(always_parallel):
             assert np.array_equal(a, b)
 
 
-def _child_threads(queue):
-    try:
-        big = torch.rand(2_000_000)
-        queue.put((torch.get_num_threads(), runtime.get_num_threads(), float(big.sqrt().sum()),
-                   float(big.sum())))
-    except BaseException as exc:  # pragma: no cover - reported by the parent
-        queue.put(repr(exc))
+def _child_threads():
+    big = torch.rand(2_000_000)
+    return torch.get_num_threads(), runtime.get_num_threads(), float(big.sqrt().sum()), float(big.sum())
 
 
 @pytest.mark.skipif(runtime.backend_name() != "openmp", reason="torch here has no OpenMP team")
@@ -122,14 +105,7 @@ def test_child_forked_after_the_team_ran_keeps_torch_usable(always_parallel):
     one on several threads: torch's own operators would wait forever there.  The child
     gets one torch thread (as DataLoader workers do) and keeps the kernels' count."""
     _conv_results(6)                      # the parent's kernels ran on torch's team
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_child_threads, args=(queue,))
-    child.start()
-    result = queue.get(timeout=120)
-    child.join(timeout=60)
-    assert child.exitcode == 0 and not isinstance(result, str), result
-    torch_threads, kernel_threads, root_sum, total = result
+    torch_threads, kernel_threads, root_sum, total = run_in_forked_child(_child_threads)
     assert torch_threads == 1 and kernel_threads == 2
     assert abs(root_sum / 2_000_000 - 2 / 3) < 0.01 and abs(total / 2_000_000 - 0.5) < 0.01
     assert torch.get_num_threads() >= 1 and runtime.get_num_threads() == 2  # the parent unchanged
