@@ -66,6 +66,7 @@ from torch import nn
 from numbasparse._interrupts import deferred_interrupts
 from numbasparse.layout import BlockLayout
 from numbasparse.optim_state import reset_slots
+from numbasparse.sharding import fill_slots_
 
 from .layers import block_grad_norms, gated_layers
 from .penalty import block_density, check_target_density
@@ -344,7 +345,7 @@ class DynamicSparsity:
         touched = np.union1d(freed, filled)
         if touched.size:
             index = torch.as_tensor(touched, dtype=torch.long, device=layer.weight.device)
-            layer.weight[index] = 0
+            fill_slots_(layer.weight, index, 0.0)
             dead = np.setdiff1d(freed, filled)
             if dead.size:
                 layer.gate.kill_(dead)

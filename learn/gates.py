@@ -25,6 +25,9 @@ import torch
 from torch import nn
 
 from numbasparse.optim_state import gather_slots, resize_slots, track
+from numbasparse.sharding import fill_slots_, full_tensor
+
+from .noise import counter_uniform, split_seed
 
 __all__ = ["HardConcreteGate", "DEAD_LOG_ALPHA", "zero_gate_probability"]
 
@@ -57,10 +60,13 @@ class HardConcreteGate(nn.Module):
             at ``logit(init_keep) + beta * log(-gamma / zeta)`` (the inverse of
             :meth:`prob_nonzero`).
         eps: the noise ``u`` is drawn from ``U(eps, 1 - eps)``, ``0 < eps < 0.5``.
-        seed: seed of the gate's own noise generator (a CPU ``torch.Generator`` whose
-            state is saved in ``state_dict``, so a resumed run draws the same noise and
-            every DDP rank built with the same seed draws the same noise).  ``None``
-            draws the seed from torch's global generator at construction.
+        seed: seed of the gate's own noise (``0 <= seed < 2**64``).  The noise is a hash
+            of the seed, a counter and the gate index (:mod:`learn.noise`): the buffers
+            ``noise_key`` and ``noise_counter`` are its whole state, saved in
+            ``state_dict``, so a resumed run draws the same noise, every DDP rank built with
+            the same seed draws the same noise, the stream is the same on every device,
+            and ``torch.compile`` / ``torch.export`` trace it.  ``None`` draws the seed
+            from torch's global generator at construction.
 
     Calling the module returns ``(n,)`` gate values: a fresh sample in training mode,
     the deterministic gate in evaluation mode.
@@ -88,15 +94,16 @@ class HardConcreteGate(nn.Module):
             raise ValueError(f"eps must be in (0, 0.5), got {eps}")
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
         self.n = int(n)
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
         self.init_keep = init_keep
         self.eps = eps
         self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
         self.log_alpha = nn.Parameter(torch.full((self.n,), self.init_log_alpha, device=device, dtype=dtype))
+        self.register_buffer("noise_key", torch.tensor(split_seed(self.seed), dtype=torch.int64, device=device))
+        self.register_buffer("noise_counter", torch.zeros((), dtype=torch.int64, device=device))
         self._dead = np.zeros(self.n, dtype=bool)  # gates closed by kill_()
         track(self.log_alpha, "HardConcreteGate log_alpha")
 
@@ -109,19 +116,23 @@ class HardConcreteGate(nn.Module):
 
     def prob_nonzero(self) -> torch.Tensor:
         """``(n,)`` keep probabilities ``P(z != 0) = sigmoid(log_alpha - beta*log(-gamma/zeta))``
-        (the expected L0 norm of each gate; differentiable in ``log_alpha``)."""
-        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+        (the expected L0 norm of each gate; differentiable in ``log_alpha``; gathered from
+        the ranks when FSDP shards ``log_alpha``)."""
+        return torch.sigmoid(full_tensor(self.log_alpha) - self.beta * math.log(-self.gamma / self.zeta))
 
     def deterministic(self) -> torch.Tensor:
         """``(n,)`` evaluation gates ``clamp(sigmoid(log_alpha)*(zeta-gamma)+gamma, 0, 1)``."""
         return torch.clamp(torch.sigmoid(self.log_alpha) * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
 
     def noise(self) -> torch.Tensor:
-        """``(n,)`` uniform noise ``u ~ U(eps, 1-eps)`` from the gate's generator, on
-        ``log_alpha``'s device and dtype (drawn on the CPU, so the stream is device-independent)."""
-        u = torch.rand(self.n, generator=self.generator, dtype=torch.float64)
+        """``(n,)`` uniform noise ``u ~ U(eps, 1-eps)``, the next draw of the gate's
+        counter-based stream (the counter advances by one), on ``log_alpha``'s device
+        and dtype."""
+        u = counter_uniform(self.noise_key, self.noise_counter, self.n).to(self.log_alpha.device)
+        with torch.no_grad():
+            self.noise_counter.add_(1)
         u = self.eps + (1.0 - 2.0 * self.eps) * u
-        return u.to(device=self.log_alpha.device, dtype=self.log_alpha.dtype)
+        return u.to(self.log_alpha.dtype)
 
     def sample(self, u: torch.Tensor | None = None) -> torch.Tensor:
         """``(n,)`` stochastic gates ``clamp(sigmoid((logit(u)+log_alpha)/beta)*(zeta-gamma)+gamma, 0, 1)``;
@@ -140,14 +151,16 @@ class HardConcreteGate(nn.Module):
 
     def reset_parameters(self) -> None:
         """Every gate back to ``init_keep`` (those closed with :meth:`kill_` to
-        :data:`DEAD_LOG_ALPHA`) and the noise generator back to ``seed``: what the
+        :data:`DEAD_LOG_ALPHA`) and the noise back to the start of ``seed``'s stream: what the
         constructor did, for modules built on the ``meta`` device and materialized with
         ``to_empty()``."""
         with torch.no_grad():
             self.log_alpha.fill_(self.init_log_alpha)
             if self._dead.any():
-                self.log_alpha[torch.from_numpy(np.flatnonzero(self._dead)).to(self.log_alpha.device)] = DEAD_LOG_ALPHA
-        self.generator.manual_seed(self.seed)
+                dead = torch.from_numpy(np.flatnonzero(self._dead)).to(self.log_alpha.device)
+                self.log_alpha[dead] = DEAD_LOG_ALPHA
+            self.noise_key.copy_(torch.tensor(split_seed(self.seed), dtype=torch.int64))
+            self.noise_counter.zero_()
 
     # ------------------------------------------------------------------ editing
     def _index(self, index) -> torch.Tensor:
@@ -165,7 +178,7 @@ class HardConcreteGate(nn.Module):
     def reset_(self, index) -> None:
         """Set the gates ``index`` (ints in ``[0, n)``) back to ``init_keep``."""
         index = self._index(index)
-        self.log_alpha[index.to(self.log_alpha.device)] = self.init_log_alpha
+        fill_slots_(self.log_alpha, index, self.init_log_alpha)
         self._dead[index.numpy()] = False
 
     @torch.no_grad()
@@ -173,7 +186,7 @@ class HardConcreteGate(nn.Module):
         """Close the gates ``index`` (ints in ``[0, n)``): ``log_alpha`` to :data:`DEAD_LOG_ALPHA`
         (samples exactly 0); they stay closed through :meth:`reset_parameters`."""
         index = self._index(index)
-        self.log_alpha[index.to(self.log_alpha.device)] = DEAD_LOG_ALPHA
+        fill_slots_(self.log_alpha, index, DEAD_LOG_ALPHA)
         self._dead[index.numpy()] = True
 
     def compact_(self, index, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -194,35 +207,31 @@ class HardConcreteGate(nn.Module):
         self._dead = np.zeros(self.n, dtype=bool)
 
     # ------------------------------------------------------------ state dict
-    def get_extra_state(self):
-        return {"generator": self.generator.get_state(), "seed": self.seed}
-
-    def set_extra_state(self, state):
-        if not isinstance(state, dict) or not {"generator", "seed"} <= state.keys():
-            raise ValueError("the gate's extra state must be a dict with generator and seed")
-        generator = torch.Generator()
-        generator.set_state(state["generator"])  # checked before anything changes
-        self.seed = int(state["seed"])
-        self.generator = generator
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A compacted checkpoint has fewer gates: resize (in place) before the copy.
         incoming = state_dict.get(prefix + "log_alpha")
         if isinstance(incoming, torch.Tensor) and incoming.dim() == 1 and incoming.shape != self.log_alpha.shape:
             self._resize(incoming.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._find_dead()
+        self._after_load()
         track(self.log_alpha, "HardConcreteGate log_alpha")
 
-    def _load_values(self, log_alpha, extra_state) -> None:
-        """Take ``log_alpha`` (already of this gate's shape) and the extra state of a
-        checkpoint; what the block-sparse layer owning the gate loads with its weight."""
-        if extra_state is not None:
-            self.set_extra_state(extra_state)
-        if log_alpha is not None:
-            with torch.no_grad():
-                self.log_alpha.copy_(log_alpha)
-            self._find_dead()
+    def _load_values(self, state_dict, prefix) -> None:
+        """Take this gate's entries of a checkpoint (``log_alpha`` already of this gate's
+        shape); what the block-sparse layer owning the gate loads with its weight."""
+        with torch.no_grad():
+            for name, tensor in (("log_alpha", self.log_alpha), ("noise_key", self.noise_key),
+                                 ("noise_counter", self.noise_counter)):
+                value = state_dict.get(prefix + name)
+                if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                    tensor.copy_(value)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        if self.noise_key.device.type != "meta":
+            low, high = (int(v) for v in self.noise_key.tolist())
+            self.seed = low | (high << 32)
+        self._find_dead()
 
     def _find_dead(self) -> None:
         """After a load: the gates at (about) DEAD_LOG_ALPHA are the closed ones."""

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from numbasparse import layouts as _layouts
-from numbasparse._checks import check_block_size
-from numbasparse.functional import block_sparse_matmul
-from numbasparse.layout import BlockLayout
+from numbasparse._checks import autocast_to_float32, check_block_size, check_module_input
+from numbasparse.functional import matmul_op
+from numbasparse.layout_tensor import layout_tensor
 from numbasparse.nn import BlockSparseLinear, blocks_to_dense
 
 from .gates import HardConcreteGate
@@ -46,9 +46,20 @@ class GatedBlockSparse:
         self.gate = HardConcreteGate(self.layout.capacity, beta=beta, gamma=gamma, zeta=zeta,
                                      init_keep=init_keep, seed=seed, device=w.device, dtype=w.dtype)
         self._reset_gates()
-        self._live_cache = None
         self._capture = False
         self._captured = None
+
+    def _refresh_kernel_tensors(self) -> None:
+        """Buffers for the ops: ``kernel_slots`` (the live slots in entry order) and
+        ``kernel_layout``: while the layout has free slots, its compacted form, which the
+        gathered live blocks run against."""
+        super()._refresh_kernel_tensors()
+        layout = self._layout
+        device = self.kernel_layout.device
+        self._all_live = layout.nnz == layout.capacity
+        if not self._all_live:
+            self.register_buffer("kernel_layout", layout_tensor(layout.compacted(), device), persistent=False)
+        self.register_buffer("kernel_slots", layout.index_tensor("entry_slots", device), persistent=False)
 
     # --------------------------------------------------------------- gates
     def gate_values(self) -> torch.Tensor:
@@ -57,17 +68,8 @@ class GatedBlockSparse:
 
     def live_slots(self, device=None) -> torch.Tensor:
         """``(nnz,)`` int64 slots of the live blocks, in the layout's row-major entry order."""
-        device = self.weight.device if device is None else device
-        cache = self._live_cache
-        if cache is None or cache[0] is not self.layout or cache[1].device != torch.device(device):
-            slots = self.layout.index_tensor("entry_slots", device)
-            cache = (self.layout, slots, self.layout.compacted())
-            self._live_cache = cache
-        return cache[1]
-
-    def _compacted_layout(self) -> BlockLayout:
-        self.live_slots()
-        return self._live_cache[2]
+        slots = self.kernel_slots
+        return slots if device is None else slots.to(device)
 
     def prob_nonzero_live(self) -> torch.Tensor:
         """``(nnz,)`` keep probabilities of the live blocks (differentiable)."""
@@ -79,17 +81,17 @@ class GatedBlockSparse:
         raise NotImplementedError
 
     def _kernel_operands(self):
-        """``(w, layout)`` to hand the block-sparse kernel: the gated blocks ``weight * z``
-        with the layout, or, while the layout has free slots, only the live gated blocks
+        """``(w, layout tensor)`` to hand the operator: the gated blocks ``weight * z`` with
+        the layout, or, while the layout has free slots, only the live gated blocks
         (gathered in entry order) with the compacted layout: same values, no work or
-        memory traffic for free slots."""
+        memory traffic for free slots.  Half-precision inputs under autocast are float32."""
         z = self.gate_values()
-        layout = self.layout
-        if layout.nnz == layout.capacity:
-            return self.gated_weight(z), layout
-        slots = self.live_slots()
+        if self._all_live:
+            return autocast_to_float32(self.gated_weight(z)), self.kernel_layout
+        slots = self.kernel_slots
         w = self.weight.index_select(0, slots)
-        return w * z.index_select(0, slots).view(-1, *([1] * (w.dim() - 1))), self._compacted_layout()
+        w = w * z.index_select(0, slots).view(-1, *([1] * (w.dim() - 1)))
+        return autocast_to_float32(w), self.kernel_layout
 
     def gated_weight(self, z: torch.Tensor | None = None) -> torch.Tensor:
         """``weight * z`` broadcast over the block dims: ``(capacity, ...)``; ``z`` ``(capacity,)``
@@ -143,7 +145,7 @@ class GatedBlockSparse:
         self._reset_gates()
 
     def _load_slot_children(self, state_dict, prefix):
-        self.gate._load_values(state_dict.get(prefix + "gate.log_alpha"), state_dict.get(prefix + "gate._extra_state"))
+        self.gate._load_values(state_dict, prefix + "gate.")
 
     def _reset_gates(self) -> None:
         """Gates to ``init_keep``, closed on the layout's free slots."""
@@ -189,10 +191,12 @@ class L0BlockSparseLinear(GatedBlockSparse, BlockSparseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
-        w, layout = self._kernel_operands()
-        y = block_sparse_matmul(x, w, layout, self.block_size)
+        w, layout_t = self._kernel_operands()
+        x = autocast_to_float32(x)
+        check_module_input(x, w, self.in_features, -1, "features")
+        y = matmul_op(x, w, None, layout_t, self.block_size, self.out_features)
         self._maybe_capture(x, y)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + autocast_to_float32(self.bias)
 
     def block_flops(self) -> int:
         """``B * B`` multiply-adds per sample (per row of x) for one block."""
@@ -222,7 +226,7 @@ def block_grad_norms(grad: torch.Tensor, shape, block_size: int) -> torch.Tensor
 
 # --------------------------------------------------------------------- conv
 try:  # the conv layer is optional: L0BlockSparseConv2d is usable when numbasparse has it
-    from numbasparse.conv import block_sparse_conv2d, conv_geometry, dense_conv_weight
+    from numbasparse.conv import conv2d_op, conv_geometry, dense_conv_weight
     from numbasparse.nn_conv import BlockSparseConv2d as _BlockSparseConv2d
     HAVE_CONV = True
 except ImportError:  # pragma: no cover - depends on the installed numbasparse
@@ -267,11 +271,16 @@ class L0BlockSparseConv2d(GatedBlockSparse, _BlockSparseConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(N, in_channels, H, W)`` -> ``(N, out_channels, H_out, W_out)``."""
-        w, layout = self._kernel_operands()
-        y = block_sparse_conv2d(x, w, layout, self.block_size, self.stride, self.padding, self.dilation)
-        self._out_positions = int(y.shape[2] * y.shape[3])
+        w, layout_t = self._kernel_operands()
+        x = autocast_to_float32(x)
+        check_module_input(x, w, self.in_channels, 1, "channels")
+        if x.dim() != 4:
+            raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        geometry = conv_geometry(tuple(x.shape[2:]), self.kernel_size, self.stride, self.padding, self.dilation)
+        y = conv2d_op(x, w, layout_t, self.block_size, self.out_channels, geometry)
+        self._out_positions = geometry.output_size[0] * geometry.output_size[1]
         self._maybe_capture(x, y)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y if self.bias is None else y + autocast_to_float32(self.bias).view(1, -1, 1, 1)
 
     def block_flops(self) -> int:
         """``B * B * kh * kw * H_out * W_out`` multiply-adds per sample for one block

@@ -63,3 +63,25 @@ def check_features(name: str, size: int, blocks: int, block_size: int, what: str
     if size != blocks * block_size:
         raise ValueError(f"{name} has {size} features but the layout has {blocks} {what} blocks of "
                          f"size {block_size} ({blocks * block_size} features)")
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def autocast_to_float32(t: torch.Tensor) -> torch.Tensor:
+    """Under autocast for ``t``'s device a half-precision ``t`` as float32 (the rule the
+    ops are registered with: the kernels compute in float32), else ``t``."""
+    if t.dtype in LOW_PRECISION and torch.is_autocast_enabled(t.device.type):
+        return t.float()
+    return t
+
+
+def check_module_input(x, w: torch.Tensor, features: int, dim: int, what: str) -> None:
+    """``x`` fits a layer with weight ``w``: a float tensor of ``w``'s dtype and device
+    with ``features`` entries along ``dim``."""
+    check_tensor("x", x)
+    check_same_placement(x, w)
+    if x.dim() == 0:
+        raise ValueError(f"x must have {features} {what} along dim {dim}, got a 0-D tensor")
+    if x.shape[dim] != features:
+        raise ValueError(f"x has {x.shape[dim]} {what} (shape {tuple(x.shape)}) but the layer takes {features}")

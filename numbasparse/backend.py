@@ -32,6 +32,7 @@ import importlib
 import torch
 
 from ._checks import check_block_size, check_features, check_tensor, check_weight_shape
+from .kernels.checks import conv_output_size
 from .kernels.cpu import matmul as cpu_matmul
 from .layout import BlockLayout
 
@@ -254,3 +255,43 @@ def _check_call(layout, block_size, tensors: dict) -> int:
 
 def _stream_kw(target, launch):
     return {"stream": launch.stream} if target == "cuda" else {}
+
+
+# ---------------------------------------------------------------------- conv
+def _conv_kernel(name: str, device: torch.device):
+    """``(kernel function, target)`` for tensors on ``device``.  On CUDA targets the
+    unchecked launcher: the tables are a BlockLayout's (valid by construction) and
+    :func:`~numbasparse.conv.block_sparse_conv2d` checked the tensors against it; the checked wrapper
+    would copy the device tables to the host on every call.  The CPU conv functions
+    check their arguments themselves (cheap next to a convolution)."""
+    kernels, target = _kernels("conv", device)
+    return getattr(kernels, "_" + name if target == "cuda" else name), target
+
+
+def _conv_forward(x, w, layout, block_size, stride, padding, dilation):
+    """y (N, K, Ho, Wo) from the kernels; ``padding = (top, left, bottom, right)``."""
+    kernel, target = _conv_kernel("forward", x.device)
+    size = conv_output_size(tuple(x.shape[2:]), tuple(w.shape[1:3]), stride, padding, dilation)
+    y = torch.empty((x.shape[0], layout.out_blocks * block_size, *size), dtype=x.dtype, device=x.device)
+    with _Launch(target, x.device) as launch:
+        kernel(launch.array(x), launch.array(w), *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
+               block_size, stride, padding, dilation, launch.array(y), **_stream_kw(target, launch))
+    return y
+
+
+def _conv_backward_data(dy, w, layout, block_size, stride, padding, dilation, input_size):
+    kernel, target = _conv_kernel("backward_data", dy.device)
+    dx = torch.empty((dy.shape[0], layout.in_blocks * block_size, *input_size), dtype=dy.dtype, device=dy.device)
+    with _Launch(target, dy.device) as launch:
+        kernel(launch.array(dy), launch.array(w), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
+               block_size, stride, padding, dilation, launch.array(dx), **_stream_kw(target, launch))
+    return dx
+
+
+def _conv_backward_weight(x, dy, w_shape, layout, block_size, stride, padding, dilation):
+    kernel, target = _conv_kernel("backward_weight", x.device)
+    dw = torch.zeros(w_shape, dtype=x.dtype, device=x.device)
+    with _Launch(target, x.device) as launch:
+        kernel(launch.array(x), launch.array(dy), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
+               block_size, stride, padding, dilation, launch.array(dw), **_stream_kw(target, launch))
+    return dw

@@ -20,11 +20,11 @@ import numbers
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from . import backend
+from . import ops
 from ._checks import as_layout, check_block_size, check_same_placement, check_tensor
 from .layout import BlockLayout
+from .layout_tensor import layout_tensor
 
 __all__ = ["block_sparse_conv2d", "conv_geometry", "ConvGeometry", "dense_conv_weight", "conv_blocks_from_dense"]
 
@@ -91,16 +91,6 @@ def conv_geometry(input_size, kernel_size, stride=1, padding=0, dilation=1) -> C
     return ConvGeometry((sh, sw), (pads[0], pads[2]), dil, (out_h, out_w))
 
 
-def _conv_kernel(name: str, device: torch.device):
-    """``(kernel function, target)`` for tensors on ``device``.  On CUDA targets the
-    unchecked launcher: the tables are a BlockLayout's (valid by construction) and
-    :func:`block_sparse_conv2d` checked the tensors against it; the checked wrapper
-    would copy the device tables to the host on every call.  The CPU conv functions
-    check their arguments themselves (cheap next to a convolution)."""
-    kernels, target = backend._kernels("conv", device)
-    return getattr(kernels, "_" + name if target == "cuda" else name), target
-
-
 def _kernel_padding(geometry, input_size, kernel_size) -> tuple:
     """``(top, left, bottom, right)`` padding for the kernel functions, which check that
     ``y`` / ``dy`` have the output size it gives: the geometry's top / left padding and
@@ -112,65 +102,6 @@ def _kernel_padding(geometry, input_size, kernel_size) -> tuple:
         needed = (geometry.output_size[axis] - 1) * geometry.stride[axis] + span
         ends.append(max(0, needed - input_size[axis] - geometry.padding[axis]))
     return (*geometry.padding, *ends)
-
-
-def _conv_forward(x, w, layout, block_size, geometry):
-    kernel, target = _conv_kernel("forward", x.device)
-    padding = _kernel_padding(geometry, tuple(x.shape[2:]), tuple(w.shape[1:3]))
-    n = x.shape[0]
-    y = torch.empty((n, layout.out_blocks * block_size, *geometry.output_size), dtype=x.dtype, device=x.device)
-    with backend._Launch(target, x.device) as launch:
-        kernel(launch.array(x), launch.array(w), *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
-               block_size, geometry.stride, padding, geometry.dilation, launch.array(y),
-               **backend._stream_kw(target, launch))
-    return y
-
-
-def _conv_backward_data(dy, w, layout, block_size, geometry, input_size):
-    kernel, target = _conv_kernel("backward_data", dy.device)
-    padding = _kernel_padding(geometry, input_size, tuple(w.shape[1:3]))
-    dx = torch.empty((dy.shape[0], layout.in_blocks * block_size, *input_size), dtype=dy.dtype, device=dy.device)
-    with backend._Launch(target, dy.device) as launch:
-        kernel(launch.array(dy), launch.array(w), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
-               block_size, geometry.stride, padding, geometry.dilation, launch.array(dx),
-               **backend._stream_kw(target, launch))
-    return dx
-
-
-def _conv_backward_weight(x, dy, w_shape, layout, block_size, geometry):
-    kernel, target = _conv_kernel("backward_weight", x.device)
-    padding = _kernel_padding(geometry, tuple(x.shape[2:]), tuple(w_shape[1:3]))
-    dw = torch.zeros(w_shape, dtype=x.dtype, device=x.device)
-    with backend._Launch(target, x.device) as launch:
-        kernel(launch.array(x), launch.array(dy), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
-               block_size, geometry.stride, padding, geometry.dilation, launch.array(dw),
-               **backend._stream_kw(target, launch))
-    return dw
-
-
-class _BlockSparseConv2d(torch.autograd.Function):
-    """y (N, K, Ho, Wo) = conv2d(x (N, C, H, W), W) with W given as blocks
-    w (capacity, kh, kw, B, B) placed by a layout."""
-
-    @staticmethod
-    def forward(ctx, x, w, layout, block_size, geometry):
-        ctx.layout = layout
-        ctx.block_size = block_size
-        ctx.geometry = geometry
-        ctx.save_for_backward(x, w)
-        return _conv_forward(x, w, layout, block_size, geometry)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _conv_backward_data(dy, w, ctx.layout, ctx.block_size, ctx.geometry, tuple(x.shape[2:]))
-        if ctx.needs_input_grad[1]:
-            dw = _conv_backward_weight(x, dy, tuple(w.shape), ctx.layout, ctx.block_size, ctx.geometry)
-        return dx, dw, None, None, None
 
 
 def block_sparse_conv2d(x: torch.Tensor, w: torch.Tensor, layout, block_size: int | None = None, stride=1,
@@ -192,6 +123,7 @@ def block_sparse_conv2d(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
         ``(N, layout.out_blocks * B, Ho, Wo)``; output channel blocks with no live input
         block are exactly zero.  Equal to ``F.conv2d(x, dense, stride=..., padding=...,
         dilation=...)`` with ``dense`` the ``(out, in, kh, kw)`` weight of the blocks.
+        Runs the ``torch.ops.numbasparse.conv2d`` operator.
     """
     layout = as_layout(layout)
     check_tensor("x", x)
@@ -211,7 +143,16 @@ def block_sparse_conv2d(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
         raise ValueError(f"x has {x.shape[1]} channels but the layout has {layout.in_blocks} input blocks of size "
                          f"{block_size} ({layout.in_blocks * block_size} channels)")
     geometry = conv_geometry(tuple(x.shape[2:]), (kh, kw), stride, padding, dilation)
-    return _BlockSparseConv2d.apply(x.contiguous(), w.contiguous(), layout, block_size, geometry)
+    return conv2d_op(x, w, layout_tensor(layout, x.device), block_size, layout.out_blocks * block_size, geometry)
+
+
+def conv2d_op(x, w, layout_t, block_size: int, out_channels: int, geometry: ConvGeometry) -> torch.Tensor:
+    """The conv2d operator on checked arguments (``geometry`` from :func:`conv_geometry`
+    for ``x``'s size and ``w``'s kernel)."""
+    padding = _kernel_padding(geometry, tuple(x.shape[2:]), tuple(w.shape[1:3]))
+    args = (x.contiguous(), w.contiguous(), layout_t, block_size, out_channels, list(geometry.stride),
+            list(padding), list(geometry.dilation))
+    return ops.FunctionalConv2d.apply(*args) if ops.transforms_active() else ops.conv2d(*args)
 
 
 def _check_dense_args(name: str, t, layout, block_size) -> tuple:

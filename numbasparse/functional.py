@@ -2,37 +2,14 @@
 ``block_sparse_conv2d``)."""
 from __future__ import annotations
 
-import math
-
 import torch
-from torch.autograd.function import once_differentiable
 
-from . import backend
+from . import ops
 from ._checks import (as_layout, block_size_of, check_features, check_same_placement,
                       check_tensor, check_weight_shape)
+from .layout_tensor import layout_tensor
 
 __all__ = ["block_sparse_matmul", "block_sparse_conv2d"]
-
-
-class _BlockSparseMatMul(torch.autograd.Function):
-    """y (N, K) = x (N, C) @ W (+ bias), W given as blocks w (capacity, B, B) placed by a layout."""
-
-    @staticmethod
-    def forward(ctx, x2d, w, bias, layout, block_size):
-        ctx.layout = layout
-        ctx.block_size = block_size
-        ctx.save_for_backward(x2d, w)
-        return backend._forward(x2d, w, layout, block_size, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x2d, w = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx, dw = backend._backward(dy, x2d, w, ctx.layout, ctx.block_size,
-                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        db = dy.sum(0) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
 
 
 def block_sparse_matmul(x: torch.Tensor, w: torch.Tensor, layout, block_size: int | None = None,
@@ -50,7 +27,8 @@ def block_sparse_matmul(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
 
     Returns:
         ``(..., K)`` with ``K = layout.out_blocks * block_size``; output blocks with no
-        live input block are exactly zero (or the bias).
+        live input block are exactly zero (or the bias).  Runs the
+        ``torch.ops.numbasparse.matmul`` operator (:mod:`numbasparse.ops`).
     """
     layout = as_layout(layout)
     check_tensor("x", x)
@@ -69,15 +47,18 @@ def block_sparse_matmul(x: torch.Tensor, w: torch.Tensor, layout, block_size: in
                             "use one dtype and device")
         if bias.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-        bias = bias.contiguous()
-    lead = x.shape[:-1]
-    x2d = x.reshape(math.prod(lead), x.shape[-1]).contiguous()
-    w = w.contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _BlockSparseMatMul.apply(x2d, w, bias, layout, block_size)
-    else:
-        y = backend._forward(x2d, w, layout, block_size, bias)
-    return y.reshape(*lead, out_features)
+    return matmul_op(x, w, bias, layout_tensor(layout, x.device), block_size, out_features)
+
+
+def matmul_op(x: torch.Tensor, w: torch.Tensor, bias, layout_t: torch.Tensor, block_size: int,
+              out_features: int) -> torch.Tensor:
+    """The ``torch.ops.numbasparse.matmul`` operator on checked arguments, over any
+    leading dims of ``x`` (``layout_t``: :func:`~numbasparse.layout_tensor.layout_tensor`)."""
+    x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+    args = (x2d.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), layout_t, block_size,
+            out_features)
+    y = ops.FunctionalMatmul.apply(*args) if ops.transforms_active() else ops.matmul(*args)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 from .conv import block_sparse_conv2d  # noqa: E402

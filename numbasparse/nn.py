@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from . import layouts
-from ._checks import as_layout, check_block_size
-from .functional import block_sparse_matmul
+from ._checks import as_layout, autocast_to_float32, check_block_size, check_module_input
+from .functional import block_sparse_matmul, matmul_op
 from .layout import BlockLayout
 from .storage import BlockStorage
 
@@ -84,10 +84,10 @@ class BlockSparseLinear(BlockStorage, nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = block_size
-        self.layout = layout
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(layout.capacity, block_size, block_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.layout = layout
         self.reset_parameters()
         self._track_storage()
 
@@ -106,7 +106,10 @@ class BlockSparseLinear(BlockStorage, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
-        return block_sparse_matmul(x, self.weight, self.layout, self.block_size, self.bias)
+        x, w = autocast_to_float32(x), autocast_to_float32(self.weight)
+        bias = None if self.bias is None else autocast_to_float32(self.bias)
+        check_module_input(x, w, self.in_features, -1, "features")
+        return matmul_op(x, w, bias, self.kernel_layout, self.block_size, self.out_features)
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``(in_features, out_features)`` matrix W, with ``y = x @ W + bias``."""

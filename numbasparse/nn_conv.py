@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import layouts
-from ._checks import as_layout, check_block_size
-from .conv import block_sparse_conv2d, conv_blocks_from_dense, conv_geometry, dense_conv_weight
+from ._checks import as_layout, autocast_to_float32, check_block_size, check_module_input
+from .conv import conv2d_op, conv_blocks_from_dense, conv_geometry, dense_conv_weight
 from .storage import BlockStorage
 
 __all__ = ["BlockSparseConv2d"]
@@ -76,10 +76,10 @@ class BlockSparseConv2d(BlockStorage, nn.Module):
         self.stride = _as_pair_or_str(stride)
         self.padding = _as_pair_or_str(padding)
         self.dilation = _as_pair_or_str(dilation)
-        self.layout = layout
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(layout.capacity, kh, kw, block_size, block_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.layout = layout
         self.reset_parameters()
         self._track_storage()
 
@@ -100,9 +100,18 @@ class BlockSparseConv2d(BlockStorage, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(N, in_channels, H, W)`` -> ``(N, out_channels, Ho, Wo)``."""
-        y = block_sparse_conv2d(x, self.weight, self.layout, self.block_size, self.stride, self.padding,
-                                self.dilation)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        y = self._conv(x, self.weight)
+        return y if self.bias is None else y + autocast_to_float32(self.bias).view(1, -1, 1, 1)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The block-sparse convolution of ``x`` with blocks ``w`` (``weight``'s shape)
+        and this layer's geometry, through the conv2d operator."""
+        x, w = autocast_to_float32(x), autocast_to_float32(w)
+        check_module_input(x, w, self.in_channels, 1, "channels")
+        if x.dim() != 4:
+            raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        geometry = conv_geometry(tuple(x.shape[2:]), self.kernel_size, self.stride, self.padding, self.dilation)
+        return conv2d_op(x, w, self.kernel_layout, self.block_size, self.out_channels, geometry)
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``(out_channels, in_channels, kh, kw)`` weight, shaped like

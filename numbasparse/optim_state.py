@@ -23,6 +23,8 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .sharding import fill_slots_
+
 __all__ = ["register_initial_state", "initial_state_value", "gather_slots", "reset_slots",
            "check_optimizer_state", "follows_slots"]
 
@@ -122,7 +124,7 @@ def reset_slots(param: torch.nn.Parameter, index: torch.Tensor, optimizer=None) 
     the optimizer's initial values (see the module docstring)."""
     with torch.no_grad():
         if param.grad is not None:
-            param.grad[index.to(param.grad.device)] = 0
+            fill_slots_(param.grad, index, 0.0)
         if optimizer is None:
             return
         state = optimizer.state.get(param)
@@ -131,7 +133,7 @@ def reset_slots(param: torch.nn.Parameter, index: torch.Tensor, optimizer=None) 
         group = _group_of(optimizer, param)
         for name, value in state.items():
             if follows_slots(value, param):
-                value[index.to(value.device)] = initial_state_value(optimizer, group, name)
+                fill_slots_(value, index, initial_state_value(optimizer, group, name))
 
 
 # ------------------------------------------------------------------ shape check

@@ -17,6 +17,7 @@ from torch import nn
 from ._checks import as_layout
 from ._interrupts import deferred_interrupts
 from .layout import BlockLayout
+from .layout_tensor import layout_tensor
 from .optim_state import gather_slots, resize_slots, track
 
 __all__ = ["BlockStorage", "layout_extra_state", "layout_from_extra_state"]
@@ -62,9 +63,27 @@ class BlockStorage:
     :meth:`_storage_resized` and :meth:`_check_checkpoint`.
     """
 
-    layout: BlockLayout
     block_size: int
     weight: nn.Parameter
+
+    # ------------------------------------------------------------ layout
+    @property
+    def layout(self) -> BlockLayout:
+        """The current :class:`BlockLayout` (assigning one also refreshes the buffer
+        ``kernel_layout``, the layout as the ops take it, on the weight's device)."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, layout: BlockLayout) -> None:
+        self._layout = layout
+        self._refresh_kernel_tensors()
+
+    def _refresh_kernel_tensors(self) -> None:
+        """Buffers the forward pass hands the ops, made from the layout (not saved in
+        ``state_dict``: the layout is, as extra state)."""
+        weight = self._parameters.get("weight")
+        device = weight.device if weight is not None else torch.device("cpu")
+        self.register_buffer("kernel_layout", layout_tensor(self._layout, device), persistent=False)
 
     # ------------------------------------------------------------ slot parameters
     def _slot_parameters(self) -> list:
@@ -78,8 +97,10 @@ class BlockStorage:
         track(self.weight, f"{type(self).__name__} weight")
 
     def _apply(self, fn, *args, **kwargs):
-        # .to(), .double(), to_empty() may replace the Parameter objects
+        # .to(), .double(), to_empty() may replace the Parameter objects, and to_empty()
+        # leaves the buffers uninitialized
         out = super()._apply(fn, *args, **kwargs)
+        self._refresh_kernel_tensors()
         self._track_storage()
         return out
 

@@ -124,10 +124,19 @@ def test_x_and_w_different_devices():
     raises(ValueError, r"x is on cpu but w is on meta", block_sparse_matmul, _x(), w, MASK)
 
 
+def test_meta_tensors_give_shapes_only():
+    """On the meta device the operators' shape functions run (shape inference,
+    deferred initialization): no kernel, no error."""
+    x = torch.empty((3, 2 * B), device="meta", requires_grad=True)
+    w = torch.empty((NNZ, B, B), device="meta", requires_grad=True)
+    y = block_sparse_matmul(x, w, MASK)
+    assert y.device.type == "meta" and y.shape == (3, 3 * B)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
 def test_unsupported_device():
-    x = torch.empty((3, 2 * B), device="meta")
-    w = torch.empty((NNZ, B, B), device="meta")
-    raises(ValueError, r"unsupported device meta", block_sparse_matmul, x, w, MASK)
+    raises(ValueError, r"unsupported device meta", backend._kernels, "matmul", torch.device("meta"))
 
 
 def test_cuda_tensors_without_usable_numba_cuda(monkeypatch):
