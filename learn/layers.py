@@ -125,19 +125,12 @@ class GatedBlockSparse:
         raise NotImplementedError
 
     # ------------------------------------------------------ slot storage
-    def _slot_parameters(self) -> list:
-        return [self.weight, self.gate.log_alpha]
+    def _slot_parameter_names(self) -> list:
+        return ["weight", "gate.log_alpha"]
 
     def _storage_resized(self) -> None:
         self.gate.n = int(self.gate.log_alpha.shape[0])
-
-    def _check_checkpoint(self, state_dict, prefix, layout):
-        problem = super()._check_checkpoint(state_dict, prefix, layout)
-        gates = state_dict.get(prefix + "gate.log_alpha")
-        if problem is None and gates is not None and tuple(gates.shape) != (layout.capacity,):
-            problem = (f"{prefix}gate.log_alpha has shape {tuple(gates.shape)} but the checkpoint's layout "
-                       f"has capacity {layout.capacity}: one gate per slot expected")
-        return problem
+        self.gate._find_dead()
 
     def reset_parameters(self) -> None:
         """Re-initialize the weight and bias (as the host layer does) and the gates."""
@@ -298,9 +291,10 @@ class L0BlockSparseConv2d(GatedBlockSparse, _BlockSparseConv2d):
         super().set_extra_state(state)
         self._out_positions = int(state.get("out_positions", 1))
 
-    def _check_checkpoint(self, state_dict, prefix, layout):
-        return (super()._check_checkpoint(state_dict, prefix, layout)
-                or _out_positions_problem(state_dict[prefix + "_extra_state"]))
+    def _check_checkpoint(self, state_dict, prefix, layout, whose="the checkpoint's"):
+        extra = state_dict.get(prefix + "_extra_state")
+        return (super()._check_checkpoint(state_dict, prefix, layout, whose)
+                or (None if extra is None else _out_positions_problem(extra)))
 
     def captured_weight_grad(self):
         """Dense ``(in_channels, out_channels, kh, kw)`` gradient of the gated weight on the

@@ -20,8 +20,9 @@ __all__ = ["BlockLayout", "layouts", "functional", "block_sparse_matmul", "block
 def set_num_threads(n: int | None) -> None:
     """Threads the CPU kernels use; ``None`` (the default) follows ``torch.get_num_threads()``.
 
-    The kernels run on torch's own OpenMP threads, so this never adds threads beyond
-    torch's pool; it only caps how many of them a kernel call uses.
+    The kernels run on torch's own OpenMP threads: with ``n`` up to
+    ``torch.get_num_threads()`` they use that many of torch's threads; a larger ``n``
+    makes OpenMP start more threads for them.
     """
     from .kernels.cpu import runtime
 

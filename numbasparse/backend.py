@@ -121,7 +121,7 @@ class _Launch:
 
     def tables(self, layout: BlockLayout, *names):
         if self.device.type == "cuda":
-            tables = layout.tables_on(self.device)
+            tables = layout._tables_on(self.device)
             return [self.array(tables[n]) for n in names]
         return [getattr(layout, n) for n in names]
 

@@ -30,9 +30,13 @@ _MAX_INDEX = np.iinfo(np.int32).max
 
 
 def _frozen(array, dtype=np.int32):
-    out = np.ascontiguousarray(array, dtype=dtype)
-    out.flags.writeable = False
-    return out
+    """A read-only view of a read-only copy: numpy refuses to make such a view writable
+    again (the kernels trust these tables)."""
+    base = np.array(array, dtype=dtype, order="C", copy=True)
+    base.flags.writeable = False
+    view = base.view()
+    view.flags.writeable = False
+    return view
 
 
 def _as_mask(mask) -> np.ndarray:
@@ -235,8 +239,9 @@ class BlockLayout:
     def from_state(cls, state: dict) -> "BlockLayout":
         return cls(state["mask"], state["slots"], state["capacity"])
 
-    def tables_on(self, device):
-        """The index tables as int32 torch tensors on ``device`` (cached per device)."""
+    def _tables_on(self, device):
+        """The index tables as int32 torch tensors on ``device`` (cached per device; for
+        the kernels, which trust them: never hand them out)."""
         import torch
 
         key = str(device)

@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .sharding import fill_slots_
 
 __all__ = ["register_initial_state", "initial_state_value", "gather_slots", "reset_slots",
-           "check_optimizer_state", "follows_slots"]
+           "check_optimizer_state", "follows_slots", "UNCHECKED_OPTIMIZERS"]
 
 _INITIAL: dict = {}
 _tracked: dict = {}     # id(param) -> (weakref to the param, description of its owner)
@@ -61,10 +61,15 @@ def initial_state_value(optimizer: torch.optim.Optimizer, group: dict, name: str
 
 
 def follows_slots(value, param: torch.Tensor) -> bool:
-    """Whether state tensor ``value`` has one entry per slot of ``param`` along dim 0
-    (see the module docstring)."""
-    return (isinstance(value, torch.Tensor) and value.dim() == param.dim() >= 1
-            and value.shape[0] == param.shape[0] and _slot_shaped(value, param))
+    """Whether state tensor ``value`` has one entry per slot of ``param`` along dim 0:
+    the parameter's dims with each dim after the first equal or 1 (Adam's moments,
+    torch's Adafactor), or fewer dims with the slot count first (factored moments that
+    drop a dim, such as ``(slots, B)`` rows of a ``(slots, B, B)`` weight)."""
+    if not isinstance(value, torch.Tensor) or param.dim() < 1 or value.dim() < 1:
+        return False
+    if value.dim() == param.dim():
+        return value.shape[0] == param.shape[0] and _slot_shaped(value, param)
+    return value.dim() < param.dim() and value.shape[0] == param.shape[0]
 
 
 def _slot_shaped(value, param) -> bool:
@@ -103,9 +108,21 @@ def _set_data(param: torch.nn.Parameter, data: torch.Tensor) -> None:
     still in scope) keeps the parameter's gradient accumulator alive with the old shape,
     and the next backward would fail on it; torch renews the accumulator when the data's
     dtype changes, so pass through an empty tensor of another dtype first."""
+    if param.requires_grad:
+        # a graph built before must not run its backward into the resized parameter
+        old_accumulator = torch.autograd.graph.get_gradient_edge(param).node
+        old_accumulator.register_prehook(_refuse_old_graph)
     other = torch.float32 if data.dtype == torch.float64 else torch.float64
     param.data = data.new_empty(0, dtype=other)
     param.data = data
+    # and one that saved the parameter itself fails torch's version check
+    torch.autograd.graph.increment_version(param)
+
+
+def _refuse_old_graph(grad_outputs):
+    raise RuntimeError("backward through a graph built before a block-sparse layer's storage was resized "
+                       "(compact() or loading a checkpoint of another capacity): its gradients are for the "
+                       "old slots.  Run a new forward pass after resizing.")
 
 
 def resize_slots(param: torch.nn.Parameter, capacity: int) -> None:
@@ -153,12 +170,20 @@ def _before_step(optimizer, args, kwargs):
     check_optimizer_state(optimizer)
 
 
+#: Optimizers whose state is not per parameter (L-BFGS keeps flat vectors over all of
+#: its parameters under the first one's entry): not checked.
+UNCHECKED_OPTIMIZERS = [torch.optim.LBFGS]
+
+
 def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Raise ``ValueError`` when ``optimizer`` holds state for a slot-stored weight with
     another number of slots than the weight has (state loaded from a checkpoint that does
     not match the model, or kept across a compaction the optimizer was not given to).
 
-    Runs before every optimizer step once a block-sparse layer exists."""
+    Runs before every optimizer step once a block-sparse layer exists; optimizers of the
+    types in :data:`UNCHECKED_OPTIMIZERS` (append your own) are skipped."""
+    if isinstance(optimizer, tuple(UNCHECKED_OPTIMIZERS)):
+        return
     state = optimizer.state
     for ref, owner in list(_tracked.values()):
         param = ref()

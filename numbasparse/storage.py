@@ -38,8 +38,8 @@ def layout_from_extra_state(state: dict, current: BlockLayout, block_size: int) 
     if int(state["block_size"]) != block_size:
         raise ValueError(f"the checkpoint has block_size {state['block_size']}, the module has {block_size}")
     try:
-        layout = BlockLayout(torch.as_tensor(state["mask"]).numpy(), torch.as_tensor(state["slots"]).numpy(),
-                             int(state["capacity"]))
+        layout = BlockLayout(torch.as_tensor(state["mask"]).cpu().numpy(),
+                             torch.as_tensor(state["slots"]).cpu().numpy(), int(state["capacity"]))
     except (TypeError, ValueError) as err:
         raise ValueError(f"the checkpoint's layout is invalid: {err}") from None
     if layout.shape != current.shape:
@@ -86,9 +86,12 @@ class BlockStorage:
         self.register_buffer("kernel_layout", layout_tensor(self._layout, device), persistent=False)
 
     # ------------------------------------------------------------ slot parameters
+    def _slot_parameter_names(self) -> list:
+        """Names (as in ``state_dict``) of the parameters with one entry per slot along dim 0."""
+        return ["weight"]
+
     def _slot_parameters(self) -> list:
-        """Parameters with one entry per slot along dim 0."""
-        return [self.weight]
+        return [self.get_parameter(name) for name in self._slot_parameter_names()]
 
     def _storage_resized(self) -> None:
         """Called after the slot Parameters changed capacity."""
@@ -143,35 +146,45 @@ class BlockStorage:
         that an interrupt before torch reaches the children cannot leave them resized
         but empty (torch then loads them again, to the same values)."""
 
-    def _check_checkpoint(self, state_dict: dict, prefix: str, layout: BlockLayout) -> str | None:
-        """What makes the checkpoint entries under ``prefix`` inconsistent with its
-        ``layout``, or None."""
+    def _check_checkpoint(self, state_dict: dict, prefix: str, layout: BlockLayout,
+                          whose: str = "the checkpoint's") -> str | None:
+        """What makes the checkpoint entries under ``prefix`` (this layer's and its
+        children's) inconsistent with the checkpoint's ``layout`` or with this layer, or
+        None.  Slot parameters must have ``layout.capacity`` slots, every other tensor
+        the shape it has here."""
+        slot_names = set(self._slot_parameter_names())
         weight = state_dict.get(prefix + "weight")
-        expected = (layout.capacity, *self.weight.shape[1:])
-        if weight is None:
-            if layout.capacity != self.weight.shape[0]:
-                return (f"the checkpoint has a layout of capacity {layout.capacity} but no {prefix}weight "
-                        f"(the module's weight has {self.weight.shape[0]} slots)")
-        elif tuple(weight.shape) != expected:
-            return (f"{prefix}weight has shape {tuple(weight.shape)} but the checkpoint's layout has capacity "
-                    f"{layout.capacity}: expected {expected}")
+        if weight is None and layout.capacity != self.weight.shape[0]:
+            return (f"the checkpoint has a layout of capacity {layout.capacity} but no {prefix}weight "
+                    f"(the module's weight has {self.weight.shape[0]} slots)")
+        for name, current in self.state_dict(keep_vars=True).items():
+            incoming = state_dict.get(prefix + name)
+            if incoming is None or not isinstance(current, torch.Tensor):
+                continue
+            if not isinstance(incoming, torch.Tensor):
+                return f"{prefix}{name} is a {type(incoming).__name__}, not a tensor"
+            expected = (layout.capacity, *current.shape[1:]) if name in slot_names else tuple(current.shape)
+            if tuple(incoming.shape) != expected:
+                why = (f"{whose} layout has capacity {layout.capacity}" if name in slot_names
+                       else "the module's is")
+                return f"{prefix}{name} has shape {tuple(incoming.shape)} but {why} {expected}"
         return None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         extra = state_dict.get(prefix + "_extra_state")
-        if extra is not None:
-            try:
-                layout = layout_from_extra_state(extra, self.layout, self.block_size)
-                problem = self._check_checkpoint(state_dict, prefix, layout)
-            except ValueError as err:
-                problem = str(err)
-            if problem is not None:
-                error_msgs.append(f"{type(self).__name__} at {prefix[:-1] or 'the top level'!r}: {problem}; "
-                                  "the layer was left as it was")
-                for key in [k for k in state_dict if k.startswith(prefix)]:
-                    del state_dict[key]  # its children (gates) stay as they are too
-                return
+        try:
+            layout = self.layout if extra is None else layout_from_extra_state(extra, self.layout, self.block_size)
+            problem = self._check_checkpoint(state_dict, prefix, layout,
+                                             "the layer's" if extra is None else "the checkpoint's")
+        except ValueError as err:
+            problem = str(err)
+        if problem is not None:
+            error_msgs.append(f"{type(self).__name__} at {prefix[:-1] or 'the top level'!r}: {problem}; "
+                              "the layer was left as it was")
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                del state_dict[key]  # its children (gates) stay as they are too
+            return
         with deferred_interrupts():  # storage resized and filled, or left as it was
             if extra is not None and layout.capacity != self.weight.shape[0]:
                 for param in self._slot_parameters():

@@ -92,6 +92,7 @@ def _compact(model, opt, ctrl):
 @pytest.mark.parametrize("kind", KINDS)
 def test_resume_after_compact_in_the_standard_order(kind):
     seed = int(np.random.SeedSequence().generate_state(1)[0] % 2**31)
+    print("seed", seed)   # shown when the test fails
     batches = _batches(kind, 9, seed)
     model, opt, ctrl = _build(kind, seed)
     if ctrl is not None:  # close some gates so that blocks leave the layout before compaction
@@ -207,13 +208,30 @@ def _corrupt_slots(sd, prefix):
     sd[prefix + "_extra_state"] = extra
 
 
+def _corrupt_bias(sd, prefix):
+    sd[prefix + "bias"] = sd[prefix + "bias"][:-1].clone()
+
+
+def _corrupt_gate_without_layout(sd, prefix):
+    del sd[prefix + "_extra_state"]
+    _corrupt_gate(sd, prefix)
+
+
+def _corrupt_noise_key(sd, prefix):
+    sd[prefix + "gate.noise_key"] = torch.zeros(3, dtype=torch.int64)
+
+
 def _drop_weight_of_compacted(sd, prefix):
     del sd[prefix + "weight"]
 
 
 CORRUPTIONS = {
     "capacity": (_corrupt_capacity, r"weight has shape .* but the checkpoint's layout has capacity"),
-    "gate-length": (_corrupt_gate, r"gate.log_alpha has shape .* one gate per slot"),
+    "gate-length": (_corrupt_gate, r"gate.log_alpha has shape .* but the checkpoint's layout has capacity"),
+    "bias-shape": (_corrupt_bias, r"body.bias has shape \(31,\) but the module's is \(32,\)"),
+    "gate-length-without-layout": (_corrupt_gate_without_layout,
+                                   r"has shape .* but the layer's layout has capacity"),
+    "noise-key": (_corrupt_noise_key, r"gate.noise_key has shape \(3,\) but the module's is \(2,\)"),
     "duplicate-slots": (_corrupt_slots, r"slots must be distinct"),
     "missing-weight": (_drop_weight_of_compacted, r"layout of capacity \d+ but no body.weight"),
 }
@@ -223,7 +241,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_inconsistent_checkpoint_is_refused_and_the_module_unchanged(corruption, kind, strict):
-    if corruption == "gate-length" and not kind.startswith("l0"):
+    if corruption.startswith(("gate", "noise")) and not kind.startswith("l0"):
         pytest.skip("only gated layers have gates")
     corrupt, match = CORRUPTIONS[corruption]
     source, opt, ctrl = _build(kind, 11)
@@ -321,3 +339,37 @@ def test_gate_reset_parameters_keeps_closed_gates_closed():
     gate.reset_([4])
     gate.reset_parameters()
     assert gate.log_alpha[4] == gate.init_log_alpha and gate.log_alpha[1] == learn.DEAD_LOG_ALPHA
+
+
+def test_meta_build_with_default_seed():
+    with torch.device("meta"):
+        layer = learn.L0BlockSparseLinear(4 * B, 4 * B, block_size=B)   # seed drawn on the CPU
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.all(layer.gate.log_alpha == layer.gate.init_log_alpha)
+
+
+def test_reset_after_compaction_opens_every_live_gate():
+    layer = learn.L0BlockSparseLinear(4 * B, 4 * B, block_size=B, seed=0)
+    rows, cols = layer.layout.entry_rows[:5], layer.layout.entry_cols[:5]
+    slots = layer.layout.entry_slots[:5].copy()
+    layer.set_layout(layer.layout.remove(rows, cols))
+    layer.gate.kill_(slots)
+    layer.compact()
+    layer.reset_parameters()
+    assert layer.gate.n == 11
+    assert torch.all(layer.gate.log_alpha == layer.gate.init_log_alpha)
+
+
+@pytest.mark.parametrize("kind", ["linear", "l0_linear"])
+def test_backward_of_a_graph_from_before_compaction_is_refused(kind):
+    """The graph saved the weight with its old slots: its backward must raise, not read
+    the compacted storage with the old layout."""
+    layer = _layer(kind, 5)
+    x = torch.randn(3, 4 * B, requires_grad=True)
+    loss = layer(x).sum()
+    layer.compact()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|built before .* storage was resized"):
+        loss.backward()
+    layer(x).sum().backward()   # a new graph trains the compacted layer
+    assert layer.weight.grad.shape == layer.weight.shape

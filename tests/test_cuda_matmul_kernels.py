@@ -269,7 +269,7 @@ class TestRealGPU:
         dev = torch.device("cuda")
         tx, tw = torch.from_numpy(x).to(dev), torch.from_numpy(w).to(dev)
         ty = torch.full((N, nb * B), float("nan"), device=dev)
-        tabs = layout.tables_on(dev)
+        tabs = layout._tables_on(dev)
         stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
         mm.forward(cuda.as_cuda_array(tx), cuda.as_cuda_array(tw),
                    cuda.as_cuda_array(tabs["col_ptr"]), cuda.as_cuda_array(tabs["col_rows"]),

@@ -256,3 +256,27 @@ def test_cuda_conv_four_value_padding():
     ref = _padded_conv(torch.from_numpy(x), _dense(torch.from_numpy(w), np.ones((1, 1), bool), [0]), (1, 0, 0, 1),
                        (1, 1))
     assert_close(torch.from_numpy(y), ref, torch.float64, "y")
+
+
+def test_cpu_kernels_refuse_outputs_overlapping_inputs():
+    from numbasparse.kernels.cpu import conv as cpu_conv
+    from numbasparse.kernels.cpu import matmul as cpu_matmul
+
+    layout = BlockLayout(np.ones((2, 2), dtype=bool))
+    B = 8
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2 * B)).astype(np.float32)
+    w = rng.standard_normal((4, B, B)).astype(np.float32)
+    with pytest.raises(ValueError, match="y shares memory with x"):
+        cpu_matmul.forward(x, w, layout.col_ptr, layout.col_rows, layout.col_slots, B, x)
+    with pytest.raises(ValueError, match="dx shares memory with dy"):
+        cpu_matmul.backward_data(x, w, layout.row_ptr, layout.row_cols, layout.row_slots, B, x)
+    buffer = rng.standard_normal(4 * B * B).astype(np.float32)
+    x_view, dw = buffer[:3 * 2 * B].reshape(3, 2 * B), buffer.reshape(4, B, B)
+    with pytest.raises(ValueError, match="dw shares memory with x"):
+        cpu_matmul.backward_weight(x_view, x, layout.entry_rows, layout.entry_cols, layout.entry_slots, B, dw)
+    images = rng.standard_normal((1, 2 * B, 4, 4)).astype(np.float32)
+    taps = rng.standard_normal((4, 1, 1, B, B)).astype(np.float32)
+    with pytest.raises(ValueError, match="y shares memory with x"):
+        cpu_conv.forward(images, taps, layout.col_ptr, layout.col_rows, layout.col_slots, B, (1, 1),
+                         (0, 0, 0, 0), (1, 1), images)

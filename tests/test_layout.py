@@ -170,20 +170,22 @@ def test_tables_are_read_only():
     for name in TABLES:  # the kernels trust a layout's tables: they cannot be swapped either
         with pytest.raises(AttributeError):
             setattr(layout, name, np.zeros(4, dtype=np.int32))
+        with pytest.raises(ValueError, match="WRITEABLE"):  # nor made writable again
+            getattr(layout, name).flags.writeable = True
     check_tables(layout, MASK, [6, 2, 0, 4], 8)
 
 
-def test_index_tensor_and_tables_on():
+def test_index_tensor_and_device_tables():
     layout = BlockLayout(MASK, slots=[6, 2, 0, 4], capacity=8)
     t = layout.index_tensor("entry_slots")
     assert t.dtype == torch.long
     assert t.tolist() == [6, 2, 0, 4]
-    tables = layout.tables_on("cpu")
+    tables = layout._tables_on("cpu")
     assert set(tables) == set(TABLES)
     for name in TABLES:
         assert tables[name].dtype == torch.int32
         np.testing.assert_array_equal(tables[name].numpy(), getattr(layout, name))
-    assert layout.tables_on("cpu") is tables  # cached
+    assert layout._tables_on("cpu") is tables  # cached
 
 
 @settings(max_examples=60, deadline=None)
@@ -296,7 +298,7 @@ def test_equality_and_hash():
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_pickle_round_trip(protocol):
     layout = BlockLayout(MASK, slots=[6, 2, 0, 4], capacity=8)
-    layout.tables_on("cpu")  # a populated device cache must not break pickling
+    layout._tables_on("cpu")  # a populated device cache must not break pickling
     clone = pickle.loads(pickle.dumps(layout, protocol=protocol))
     assert clone == layout
     check_tables(clone, MASK, [6, 2, 0, 4], 8)
@@ -308,7 +310,7 @@ def test_copy_and_deepcopy():
     import copy
 
     layout = BlockLayout(MASK, slots=[6, 2, 0, 4], capacity=8)
-    layout.tables_on("cpu")
+    layout._tables_on("cpu")
     for clone in (copy.copy(layout), copy.deepcopy(layout)):
         assert clone == layout
         check_tables(clone, MASK, [6, 2, 0, 4], 8)

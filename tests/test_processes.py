@@ -103,9 +103,36 @@ def _child_threads():
 def test_child_forked_after_the_team_ran_keeps_torch_usable(always_parallel):
     """GNU OpenMP cannot run a parallel region in a child forked after the parent ran
     one on several threads: torch's own operators would wait forever there.  The child
-    gets one torch thread (as DataLoader workers do) and keeps the kernels' count."""
+    gets one torch thread (as DataLoader workers do) and keeps the kernels' count asked
+    with set_num_threads (the fixture asked for 2)."""
     _conv_results(6)                      # the parent's kernels ran on torch's team
     torch_threads, kernel_threads, root_sum, total = run_in_forked_child(_child_threads)
     assert torch_threads == 1 and kernel_threads == 2
     assert abs(root_sum / 2_000_000 - 2 / 3) < 0.01 and abs(total / 2_000_000 - 0.5) < 0.01
     assert torch.get_num_threads() >= 1 and runtime.get_num_threads() == 2  # the parent unchanged
+
+
+class _ThreadCounts(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return torch.tensor([torch.get_num_threads(), runtime.get_num_threads()])
+
+
+@pytest.mark.skipif(runtime.backend_name() != "openmp", reason="torch here has no OpenMP team")
+def test_dataloader_workers_follow_torchs_thread_count(monkeypatch):
+    """Without a count asked for, the kernels in a worker use torch's (1 in a worker):
+    the workers do not oversubscribe the machine."""
+    monkeypatch.setattr(runtime, "SERIAL_WORK", 0)
+    numbasparse.set_num_threads(None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _conv_results(7)                      # the parent's kernels ran on torch's team
+        loader = torch.utils.data.DataLoader(_ThreadCounts(), batch_size=1, num_workers=2,
+                                             multiprocessing_context="fork")
+        for counts in loader:
+            assert counts.tolist() == [[1, 1]]
+    finally:
+        torch.set_num_threads(previous)

@@ -20,6 +20,17 @@ import numbers
 import numpy as np
 
 
+def check_no_overlap(arrays: dict) -> None:
+    """The output arrays (``y``, ``dx``, ``dw``) share no memory with any other array:
+    the kernels read inputs while they write outputs."""
+    for out in ("y", "dx", "dw"):
+        if out not in arrays:
+            continue
+        for name, other in arrays.items():
+            if name != out and np.may_share_memory(arrays[out], other):
+                raise ValueError(f"{out} shares memory with {name}: an output must not overlap an input")
+
+
 def check_distinct_slots(name: str, slots) -> None:
     """ValueError naming the first slot that two entries of ``slots`` share."""
     s = np.asarray(slots)

@@ -26,7 +26,7 @@ import functools
 
 import numpy as np
 
-from ..checks import check_conv_geometry, check_conv_sizes, check_distinct_slots
+from ..checks import check_conv_geometry, check_conv_sizes, check_distinct_slots, check_no_overlap
 from . import conv_programs, runtime
 from .conv_kernels import PIXEL_TILE, _gather_layout, _weight_chunk
 from .notice import compiling as _compiling
@@ -233,6 +233,7 @@ def _check(block_size, arrays, sizes, stride, padding, dilation):
     for name in ("y", "dx", "dw"):
         if name in arrays and not arrays[name].flags.writeable:
             raise ValueError(f"{name} is read-only")
+    check_no_overlap(arrays)
     geometry = check_conv_geometry(stride, padding, dilation)
     kernel = arrays["dw" if "dw" in arrays else "w"].shape[1:3]
     check_conv_sizes(sizes[0], arrays[sizes[0]].shape, sizes[1], arrays[sizes[1]].shape, kernel, *geometry)

@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from ..checks import check_distinct_slots
+from ..checks import check_distinct_slots, check_no_overlap
 from . import runtime
 from .args import make_block, pair
 from .matmul_backward import backward_program
@@ -233,6 +233,7 @@ def _check_operands(block_size, arrays):
     for name in ("y", "dx", "dw"):
         if name in arrays and not arrays[name].flags.writeable:
             raise ValueError(f"{name} is read-only")
+    check_no_overlap(arrays)
     return B, dtype_name
 
 

@@ -21,8 +21,10 @@ import torch
 
 MIN_BYTES = 1 << 20
 
-# id(weight) -> [weakref to the weight, version, layout, copy or None].  Keyed by id:
-# tensors compare element-wise, so they cannot be dictionary keys themselves.
+# id(weight) -> [weakref to the weight, state, layout, copy or None], state being the
+# version counter, data pointer, dtype and shape (``param.data = ...`` and ``.double()``
+# change the data without counting a version).  Keyed by id: tensors compare
+# element-wise, so they cannot be dictionary keys themselves.
 _entries: dict = {}
 
 
@@ -45,7 +47,7 @@ def column_ordered(w: torch.Tensor, layout):
     if w.numel() * w.element_size() < MIN_BYTES:
         return w, layout.col_slots
     try:
-        version = w._version
+        version = (w._version, w.data_ptr(), w.dtype, tuple(w.shape))
     except RuntimeError:  # inference tensors have no version counter
         return w, layout.col_slots
     key = id(w)

@@ -18,9 +18,10 @@ Where the threads come from:
   builds of torch) and in forked child processes (GNU OpenMP cannot run a parallel
   region in a child forked after the parent ran one: it waits forever for the parent's
   threads).  The program releases the GIL, so these threads run in parallel.  A child
-  forked after the kernels ran on torch's team keeps the parent's kernel thread count,
-  and its torch is set to one thread (as DataLoader workers are), so that torch's own
-  operators do not wait for those threads either.
+  forked after the kernels ran on torch's team gets torch set to one thread (as
+  DataLoader workers do), so that torch's own operators do not wait for those threads
+  either; the kernels follow it unless :func:`numbasparse.set_num_threads` asked for a
+  count.
 * **the calling thread alone** when one thread is asked for, or when the work is too
   small to be worth waking others (see :func:`threads_for`).
 
@@ -49,19 +50,17 @@ _PROGRAM_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _requested_threads: int | None = None
 _forked = False
 _team_used = False               # a kernel ran on torch's OpenMP team in this process
-_inherited_threads: int | None = None  # the parent's count, in a child forked after that
 _lock = threading.Lock()
 
 
 def get_num_threads() -> int:
     """Threads the CPU kernels use: ``set_num_threads``'s value, else torch's."""
-    return _requested_threads or _inherited_threads or torch.get_num_threads()
+    return _requested_threads or torch.get_num_threads()
 
 
 def set_num_threads(n: int | None) -> None:
     """Use ``n`` threads in the CPU kernels (``None``: follow ``torch.get_num_threads()``)."""
-    global _requested_threads, _inherited_threads
-    _inherited_threads = None
+    global _requested_threads
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"the number of threads must be a positive integer, got {n!r}")
@@ -215,11 +214,10 @@ def _launch(program, address: int, threads: int) -> None:
 
 
 def _after_fork_in_child():
-    global _forked, _pool, _inherited_threads, _team_used
+    global _forked, _pool, _team_used
     _forked = True
     _pool = _ThreadPool()
     if _team_used:
-        _inherited_threads = _requested_threads or torch.get_num_threads()
         _team_used = False
         torch.set_num_threads(1)
 
