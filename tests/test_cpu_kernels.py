@@ -297,6 +297,12 @@ def test_column_ordered_weight_copies_follow_the_weight(monkeypatch):
         layer.set_layout(layout.remove(layout.entry_rows[:2], layout.entry_cols[:2]))
         assert torch.allclose(layer(x), reference()[:2], atol=1e-12)
         assert torch.allclose(layer(x), reference()[:2], atol=1e-12)
+        # new data under the same tensor without a version bump (.data =, .float())
+        layer.weight.data = layer.weight.data * 2
+        assert torch.allclose(layer(x), reference()[:2], atol=1e-12)
+        layer.float()
+        expected = x.float() @ layer.to_dense().detach() + layer.bias.detach()
+        assert torch.allclose(layer(x.float()), expected, atol=1e-5)
     key = id(layer.weight)
     del layer, optimizer, reference  # the reference closure holds the layer too
     gc.collect()
