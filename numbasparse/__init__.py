@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "layouts", "functional", "block_sparse_matmul", "block_sparse_conv2d",
            "BlockSparseLinear", "BlocksparseMatMul",
-           "BlockSparseConv2d", "set_num_threads", "get_num_threads", "__version__"]
+           "BlockSparseConv2d", "set_num_threads", "get_num_threads", "learn", "__version__"]
 
 
 def set_num_threads(n: int | None) -> None:
@@ -27,6 +27,14 @@ def set_num_threads(n: int | None) -> None:
     from .kernels.cpu import runtime
 
     runtime.set_num_threads(n)
+
+
+def __getattr__(name):
+    if name == "learn":  # numbasparse.learn without importing it first
+        import importlib
+
+        return importlib.import_module(".learn", __name__)
+    raise AttributeError(f"module 'numbasparse' has no attribute {name!r}")
 
 
 def get_num_threads() -> int:
