@@ -19,6 +19,7 @@ from ._interrupts import deferred_interrupts
 from .layout import BlockLayout
 from .layout_tensor import layout_tensor
 from .optim_state import gather_slots, resize_slots, track
+from .sharding import is_sharded
 
 __all__ = ["BlockStorage", "layout_extra_state", "layout_from_extra_state"]
 
@@ -126,6 +127,9 @@ class BlockStorage:
         ``ValueError`` at its next step.  Returns the layer.
         """
         optimizers = _optimizers(optimizer)
+        if is_sharded(self.weight):
+            raise RuntimeError(f"compact() on a {type(self).__name__} whose parameters FSDP shards: compact "
+                               "before fully_shard(), or save a checkpoint, compact an unsharded model and shard it")
         slots = self.layout.index_tensor("entry_slots", self.weight.device)
         with deferred_interrupts():
             for param in self._slot_parameters():
