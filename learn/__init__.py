@@ -8,7 +8,18 @@
 * :func:`l0_penalty` - the expected number of live blocks (or FLOPs), or a hinge on the
   expected density for a target-density run.
 * :class:`DynamicSparsity` - removes blocks whose gates closed (and optionally regrows
-  blocks) during training, so the kernels get faster as the model gets sparser.
+  blocks) during training, so the kernels get faster as the model gets sparser; with
+  ``target_density`` it brings the model to that density on a schedule and holds it.
+
+Reaching a target density needs no tuning: one optimizer over all parameters at a
+common learning rate, ::
+
+    ctrl = learn.DynamicSparsity(model, optimizer, target_density=0.2)
+    ...
+    loss = task_loss + learn.l0_penalty(model, target_density=0.2)
+    loss.backward(); optimizer.step(); ctrl.step()
+
+reaches density 0.2 by step 1000 (``ramp``) and holds it.
 """
 from .dynamic import DynamicSparsity, LayerReport, SparsityReport
 from .gates import DEAD_LOG_ALPHA, HardConcreteGate, zero_gate_probability

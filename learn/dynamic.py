@@ -1,17 +1,26 @@
 """DynamicSparsity: removes blocks whose L0 gate has closed (and optionally regrows
 others) while a model trains, so the block-sparse kernels do less work as the model
-gets sparser.
+gets sparser.  Given a ``target_density`` it also brings the model to that density on a
+schedule and holds it there.
 
-Typical loop::
+Typical loop (one optimizer over all parameters, common learning rate, nothing to tune)::
 
     model = nn.Sequential(learn.L0BlockSparseLinear(512, 2048), nn.ReLU(), ...)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ctrl = learn.DynamicSparsity(model, opt, every=50, threshold=0.3)
+    ctrl = learn.DynamicSparsity(model, opt, target_density=0.2)
     for x, y in loader:
-        loss = F.cross_entropy(model(x), y) + lam * learn.l0_penalty(model, target_density=0.2)
+        loss = F.cross_entropy(model(x), y) + learn.l0_penalty(model, target_density=0.2)
         opt.zero_grad(); loss.backward(); opt.step()
         report = ctrl.step()          # a SparsityReport on update steps, else None
         if report: print(report)
+
+**Why a schedule.**  A gate starts at keep probability 0.9 (``log_alpha`` ~ 0.6) and is
+removed once its keep probability falls below ``threshold`` (0.3: ``log_alpha`` < -2.45).
+Adam moves a parameter by at most about ``lr`` per step, so at ``lr=1e-3`` no penalty
+weight can close a gate in fewer than ~3,000 steps; the gates alone reach a target only
+with a hand-tuned gate learning rate and penalty weight.  With ``target_density`` the
+controller therefore removes blocks itself, following a density schedule; the gates (and
+the penalty) decide *which* blocks go, not *when*.
 
 What an update does, for every gated layer (weights are stored per slot, gates too):
 
@@ -25,13 +34,27 @@ What an update does, for every gated layer (weights are stored per slot, gates t
    ``gate.log_alpha``; ``log_alpha`` is set
    to :data:`~learn.gates.DEAD_LOG_ALPHA` (-20: every sample of the gate is exactly 0)
    so that nothing read from a free slot is non-zero.  A layer always keeps at least
-   one block.  With ``target_density`` and no regrowth, removals stop at
-   ``ceil(target_density * total blocks)`` live blocks (lowest keep probability first).
-2. **Regrowth** (``regrow="gradient"`` or ``"random"``).  Dead blocks (not those removed at
+   one block.
+2. **Schedule** (with ``target_density = d``).  The update also removes the live blocks
+   with the lowest scores until the live count is down to
+   ``n(step) = ceil(d(step) * total blocks)``, where ``d(step)`` falls from the density
+   ``d0`` at construction to ``d`` on the cubic schedule of Zhu & Gupta (2017) over ``ramp``
+   steps after ``start`` (default 1000: the target is reached by step 1000 at the default
+   ``every``), then stays at ``d``::
+
+       d(step) = d + (d0 - d) * (1 - clamp((step - start) / ramp, 0, 1)) ** 3
+
+   The score of a block is its keep probability times its weight norm relative to the
+   mean norm of its layer's live blocks, ``P(z != 0) * ||W_s|| / mean ||W||``; closed
+   blocks (below ``threshold``) go first in any case.  Without regrowth nothing is ever
+   removed below ``ceil(d * total blocks)``; removed blocks never come back, so once
+   there the density holds.
+3. **Regrowth** (``regrow="gradient"`` or ``"random"``).  Dead blocks (not those removed at
    this update) are revived into free slots with a zero weight, fresh optimizer state
    (as for removal) and a fresh gate (``log_alpha`` at the layer's ``init_keep``) until the total number of live
-   blocks is back to ``target_density * total`` (or, without a target, to the count when
-   the controller was created: RigL-style constant density).  The blocks to revive are
+   blocks is back to the scheduled count ``n(step)`` (``ceil(target_density * total)``
+   after the ramp; without a target, the count when the controller was created:
+   RigL-style constant density).  The blocks to revive are
    spread over the layers in proportion to what each lost at this update.  ``"gradient"`` picks, per
    layer, the dead blocks with the largest Frobenius norm of the dense weight gradient
    of the last training batch before the update (``x^T dy`` for a linear layer, captured
@@ -72,9 +95,13 @@ from .layers import block_grad_norms, gated_layers
 from .penalty import block_density, check_target_density
 from .reports import LayerReport, SparsityReport
 
-__all__ = ["DynamicSparsity", "SparsityReport", "LayerReport"]
+__all__ = ["DynamicSparsity", "SparsityReport", "LayerReport", "DEFAULT_RAMP"]
 
 _REGROW_MODES = (None, "gradient", "random")
+
+#: Default length, in training steps, of the schedule from the start density to
+#: ``target_density`` (see :meth:`DynamicSparsity.scheduled_density`).
+DEFAULT_RAMP = 1000
 
 
 def _int(value, name, minimum):
@@ -115,9 +142,21 @@ def _allocate(count: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
     return alloc
 
 
+def _block_scores(layer, layout: BlockLayout, p: np.ndarray) -> np.ndarray:
+    """Score of each live entry of ``layer`` (layout entry order) for scheduled removal:
+    keep probability times the Frobenius norm of the block's weight relative to the mean
+    norm of the layer's live blocks, ``p_s * ||W_s|| / mean_live ||W||`` (the relative norm
+    makes layers of different scales, fan-ins or kinds comparable)."""
+    w = layer.weight.detach()
+    norms = w.reshape(w.shape[0], -1).double().norm(dim=1).cpu().numpy()[layout.entry_slots]
+    mean = norms.mean() if norms.size else 0.0
+    return p * (norms / mean if mean > 0 else np.ones_like(norms))
+
+
 class DynamicSparsity:
     """Controller that removes blocks with closed L0 gates (and optionally regrows
-    blocks) every ``every`` training steps.  Call :meth:`step` once per training step,
+    blocks) every ``every`` training steps; with a ``target_density`` it also removes the
+    lowest-scoring blocks on a schedule that reaches the target and holds it.  Call :meth:`step` once per training step,
     after ``optimizer.step()``.  See the module docstring for what an update does.
 
     Args:
@@ -132,14 +171,22 @@ class DynamicSparsity:
             default gate settings) below which the evaluation gate is exactly zero, so
             removing such a block does not change the model's evaluation output.
         regrow: None, ``"gradient"`` (largest dense-gradient norm, RigL) or ``"random"``.
-        target_density: fraction of all block positions (over all gated layers) to hold:
-            a floor for removals without regrowth, the level regrowth refills to with it.
+        target_density: fraction ``d`` in (0, 1] of all block positions (over all gated
+            layers) to bring the model to and hold: updates follow the schedule of
+            :meth:`scheduled_density` down to it, never below ``ceil(d * total)`` live
+            blocks without regrowth; with regrowth, the level regrowth refills to.  None:
+            remove closed blocks only.
         seed: seed of the random regrowth (int >= 0).
         start, stop: first step after which updates may happen, and last step at
-            which one may happen (None: no end).
+            which one may happen (None: no end); with a target, ``stop`` must not come
+            before ``start + ramp``.
+        ramp: with ``target_density``, steps from ``start`` over which the scheduled
+            density falls to the target (int >= 0; default :data:`DEFAULT_RAMP` = 1000;
+            0: straight to the target at the first update).  Only with ``target_density``.
 
     Attributes:
-        history: list of :class:`SparsityReport`, one per update.
+        history: list of :class:`SparsityReport`, one per update (``report.scheduled``:
+            the density the schedule asked for).
         steps: training steps counted so far; ``updates``: updates done so far.
         sync_mismatches: under torch.distributed, how many updates this rank decided
             differently from rank 0 before adopting rank 0's layouts (0 when the ranks'
@@ -148,7 +195,7 @@ class DynamicSparsity:
 
     def __init__(self, model: nn.Module, optimizer, every: int = 100, threshold: float = 0.3,
                  regrow: str | None = None, target_density: float | None = None, seed: int = 0,
-                 start: int = 0, stop: int | None = None):
+                 start: int = 0, stop: int | None = None, ramp: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -164,6 +211,12 @@ class DynamicSparsity:
         self.seed = _int(seed, "seed", 0)
         self.start = _int(start, "start", 0)
         self.stop = None if stop is None else _int(stop, "stop", self.start)
+        if ramp is not None and target_density is None:
+            raise ValueError("ramp needs target_density: it is the length of the schedule to the target")
+        self.ramp = None if target_density is None else (DEFAULT_RAMP if ramp is None else _int(ramp, "ramp", 0))
+        if self.ramp is not None and self.stop is not None and self.stop < self.start + self.ramp:
+            raise ValueError(f"stop={self.stop} comes before the end of the ramp to target_density "
+                             f"(start + ramp = {self.start + self.ramp}): the target would never be reached")
         self.model = model
         self.optimizer = optimizer
         self.threshold = float(threshold)
@@ -193,6 +246,37 @@ class DynamicSparsity:
         if step <= self.start or (self.stop is not None and step > self.stop):
             return False
         return (step - self.start) % self.every == 0
+
+    def total_blocks(self) -> int:
+        """Number of block positions, live or not, over all gated layers."""
+        return sum(layer.layout.in_blocks * layer.layout.out_blocks for _, layer in self._layers)
+
+    def scheduled_density(self, step: int) -> float | None:
+        """Density the schedule asks for after training step ``step`` (None without
+        ``target_density``): the cubic ramp of Zhu & Gupta (2017) from the density ``d0`` at
+        construction to the target ``d`` over ``ramp`` steps from ``start``::
+
+            d(step) = d + (d0 - d) * (1 - clamp((step - start) / ramp, 0, 1)) ** 3
+
+        (``d0`` when it is already below ``d``: nothing is removed to follow the ramp then)."""
+        if self.target_density is None:
+            return None
+        d, d0 = self.target_density, self.initial_nnz / self.total_blocks()
+        if d0 <= d:
+            return d0
+        progress = 1.0 if self.ramp == 0 else min(1.0, max(0.0, (step - self.start) / self.ramp))
+        return d + (d0 - d) * (1.0 - progress) ** 3
+
+    def scheduled_nnz(self, step: int) -> int | None:
+        """Live blocks the schedule asks for after step ``step``: ``ceil(scheduled_density * total)``,
+        never fewer than ``ceil(target_density * total)`` (None without ``target_density``)."""
+        if self.target_density is None:
+            return None
+        total = self.total_blocks()
+        return max(self._floor(), math.ceil(self.scheduled_density(step) * total - 1e-9))
+
+    def _floor(self) -> int:
+        return math.ceil(self.target_density * self.total_blocks() - 1e-9)
 
     def _arm(self, step: int) -> None:
         """Capture the next batch in the layers when step ``step + 1`` is an update step
@@ -224,14 +308,14 @@ class DynamicSparsity:
         layers = self.layers()
         index = self.updates + 1
         old = [layer.layout for _, layer in layers]
-        after, removed = self._plan_removal(layers, old)
-        new = self._plan_regrowth(layers, old, after, removed, index) if self.regrow else after
+        after, removed = self._plan_removal(layers, old, step)
+        new = self._plan_regrowth(layers, old, after, removed, index, step) if self.regrow else after
         mismatch = False
         if _distributed():
             agreed = self._broadcast(new)
             mismatch = agreed != new
             new = agreed
-        report = SparsityReport(step, index)
+        report = SparsityReport(step, index, scheduled=self.scheduled_density(step))
         with deferred_interrupts():
             for (name, layer), before, layout in zip(layers, old, new):
                 n_removed, n_regrown = self._apply(layer, before, layout)
@@ -247,34 +331,40 @@ class DynamicSparsity:
                           RuntimeWarning, stacklevel=3)
         return report
 
-    def _plan_removal(self, layers, old):
+    def _plan_removal(self, layers, old, step):
         """Layouts after removal, and the removed (rows, cols) per layer."""
-        candidates = []  # (p, layer index, entry index)
+        scheduled = self.target_density is not None
+        candidates = []  # (0 closed / 1 open, keep probability / score, layer index, entry index)
         for li, ((_, layer), layout) in enumerate(zip(layers, old)):
             p = layer.gate.prob_nonzero().detach().double().cpu().numpy()[layout.entry_slots]
-            entries = np.flatnonzero(p < self.threshold)
-            if entries.size and entries.size == layout.nnz:  # keep the layer's most open block
-                entries = entries[entries != int(np.argmax(p))]
-            candidates.extend((float(p[e]), li, int(e)) for e in entries)
-        if self.target_density is not None and self.regrow is None:
-            total = sum(l.in_blocks * l.out_blocks for l in old)
-            floor = math.ceil(self.target_density * total - 1e-9)
-            allowed = max(0, sum(l.nnz for l in old) - floor)
-            candidates = sorted(candidates)[:allowed]
+            closed = p < self.threshold
+            # closed blocks go first, lowest keep probability first; then (with a target) the
+            # open ones, lowest score first
+            value = np.where(closed, p, _block_scores(layer, layout, p) if scheduled else p)
+            if layout.nnz == 0:
+                continue
+            best = np.lexsort((-np.arange(layout.nnz), value, ~closed))[-1]  # a layer keeps its best block
+            entries = np.arange(layout.nnz) if scheduled else np.flatnonzero(closed)
+            candidates.extend((int(not closed[e]), float(value[e]), li, int(e)) for e in entries if e != best)
+        candidates.sort()
+        if scheduled:
+            nnz = sum(l.nnz for l in old)
+            goal = self.scheduled_nnz(step)
+            closed = sum(1 for c in candidates if c[0] == 0)
+            count = max(closed, nnz - goal)
+            if self.regrow is None:  # removals never go below the target
+                count = min(count, max(0, nnz - self._floor()))
+            candidates = candidates[:count]
         after, removed = [], []
         for li, layout in enumerate(old):
-            entries = np.array(sorted(e for _, l, e in candidates if l == li), dtype=np.int64)
+            entries = np.array(sorted(c[3] for c in candidates if c[2] == li), dtype=np.int64)
             rows, cols = layout.entry_rows[entries], layout.entry_cols[entries]
             after.append(layout.remove(rows, cols) if entries.size else layout)
             removed.append((rows, cols))
         return after, removed
 
-    def _plan_regrowth(self, layers, old, after, removed, index):
-        total = sum(l.in_blocks * l.out_blocks for l in old)
-        if self.target_density is not None:
-            goal = int(round(self.target_density * total))
-        else:
-            goal = self.initial_nnz
+    def _plan_regrowth(self, layers, old, after, removed, index, step):
+        goal = self.initial_nnz if self.target_density is None else self.scheduled_nnz(step)
         deficit = max(0, goal - sum(l.nnz for l in after))
         eligible = []
         for layout, (rows, cols) in zip(after, removed):
@@ -372,13 +462,14 @@ class DynamicSparsity:
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict:
-        """Schedule position and history.  Layouts, gates and their noise generators are
-        in the model's ``state_dict``; optimizer state in the optimizer's."""
+        """Schedule position (``steps``, ``updates``, ``initial_nnz``: the start of the
+        density schedule) and history.  Layouts, gates and their noise generators are in
+        the model's ``state_dict``; optimizer state in the optimizer's."""
         return {"steps": self.steps, "updates": self.updates, "initial_nnz": self.initial_nnz,
                 "history": [r.as_dict() for r in self.history],
                 "config": {"every": self.every, "threshold": self.threshold, "regrow": self.regrow,
                            "target_density": self.target_density, "seed": self.seed,
-                           "start": self.start, "stop": self.stop}}
+                           "start": self.start, "stop": self.stop, "ramp": self.ramp}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (the settings given to the constructor stay);
@@ -395,4 +486,4 @@ class DynamicSparsity:
 
     def __repr__(self):
         return (f"DynamicSparsity(every={self.every}, threshold={self.threshold}, regrow={self.regrow!r}, "
-                f"target_density={self.target_density}, steps={self.steps}, density={self.density():.3f})")
+                f"target_density={self.target_density}, ramp={self.ramp}, steps={self.steps}, density={self.density():.3f})")

@@ -12,12 +12,17 @@ Two modes:
   price of one block (or one multiply-add) in units of the loss.
 * target (``target_density=t``): the hinge ``relu(E[density] - t)`` on the expected
   (block- or FLOP-weighted) density ``E[density] = sum expected live weight / sum weight of
-  all block positions``.  It is an *exact penalty*: for every ``lam`` larger than the
-  constraint's Lagrange multiplier, minimizing ``loss + lam * hinge`` reaches the
-  constrained optimum ``E[density] <= t``, so ``lam`` only has to be large enough (it
-  sets how fast the target is approached, not where the model ends), and the pressure
-  stops once the expected density is at the target.  A value of the order of the task
-  loss (1-10 for a cross-entropy) is typical.
+  all block positions``.  Use it at its default strength (weight 1) together with
+  ``DynamicSparsity(model, optimizer, target_density=t)``: the controller brings the
+  layout to the target on a schedule and holds it there, and the hinge, active while the
+  expected density is above the target, pushes the gates of the blocks the task needs
+  least down first, so that the controller's ranking (keep probability times relative
+  block norm) removes those.  The hinge alone does not reach a target at a common
+  learning rate: Adam moves ``log_alpha`` by about ``lr`` per step whatever the weight,
+  and a gate needs ~3 units to close.  (It is an exact penalty: for a weight ``lam``
+  above the constraint's Lagrange multiplier, minimizing ``loss + lam * hinge`` reaches
+  ``E[density] <= t``; with a per-group gate learning rate large enough to move the
+  gates, ``lam`` sets how fast.)
 """
 from __future__ import annotations
 
@@ -98,8 +103,9 @@ def l0_penalty(model: nn.Module, weighting: str = "blocks", target_density: floa
             counts its multiply-adds per sample, ``layer.block_flops()``: ``B*B`` for a linear
             layer, ``B*B*kh*kw*H_out*W_out`` for a conv layer).
         target_density: None for the plain penalty ``sum_layers sum_live w_block * P(z != 0)``;
-            a density ``t`` in (0, 1] for the exact-penalty hinge ``relu(E[density] - t)``
-            (see the module docstring).
+            a density ``t`` in (0, 1] for the exact-penalty hinge ``relu(E[density] - t)``,
+            to be added to the loss at weight 1 next to a ``DynamicSparsity`` with the same
+            ``target_density`` (see the module docstring).
 
     Raises:
         ValueError: no gated layers, unknown ``weighting``, ``target_density`` outside (0, 1].

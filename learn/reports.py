@@ -25,10 +25,13 @@ class LayerReport:
 @dataclass
 class SparsityReport:
     """What one update did: ``step`` (training steps so far), ``update`` (1-based index of
-    the update) and one :class:`LayerReport` per gated layer."""
+    the update), one :class:`LayerReport` per gated layer and, for a controller with a
+    ``target_density``, ``scheduled``: the density its schedule asked for at this update
+    (None without a target)."""
     step: int
     update: int
     layers: list = field(default_factory=list)
+    scheduled: float | None = None
 
     @property
     def density(self) -> float:
@@ -45,13 +48,17 @@ class SparsityReport:
         return sum(r.regrown for r in self.layers)
 
     def as_dict(self) -> dict:
-        return {"step": self.step, "update": self.update, "layers": [asdict(r) for r in self.layers]}
+        return {"step": self.step, "update": self.update, "layers": [asdict(r) for r in self.layers],
+                "scheduled": self.scheduled}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SparsityReport":
-        return cls(int(d["step"]), int(d["update"]), [LayerReport(**r) for r in d["layers"]])
+        scheduled = d.get("scheduled")  # absent from reports saved before schedules existed
+        return cls(int(d["step"]), int(d["update"]), [LayerReport(**r) for r in d["layers"]],
+                   None if scheduled is None else float(scheduled))
 
     def __str__(self):
         per_layer = " ".join(f"{r.name or '<root>'}={r.density:.3f}" for r in self.layers)
+        goal = "" if self.scheduled is None else f", scheduled {self.scheduled:.3f}"
         return (f"step {self.step}: density {self.density:.3f} (removed {self.removed}, "
-                f"regrown {self.regrown}) | {per_layer}")
+                f"regrown {self.regrown}{goal}) | {per_layer}")
