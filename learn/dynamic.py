@@ -88,7 +88,7 @@ from torch import nn
 
 from numbasparse._interrupts import deferred_interrupts
 from numbasparse.layout import BlockLayout
-from numbasparse.optim_state import reset_slots
+from numbasparse.optim_state import as_optimizers, reset_slots
 from numbasparse.sharding import fill_slots_
 
 from .layers import block_grad_norms, gated_layers
@@ -142,13 +142,16 @@ def _allocate(count: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
     return alloc
 
 
-def _block_scores(layer, layout: BlockLayout, p: np.ndarray) -> np.ndarray:
+def _block_scores(name: str, layer, layout: BlockLayout, p: np.ndarray) -> np.ndarray:
     """Score of each live entry of ``layer`` (layout entry order) for scheduled removal:
     keep probability times the Frobenius norm of the block's weight relative to the mean
     norm of the layer's live blocks, ``p_s * ||W_s|| / mean_live ||W||`` (the relative norm
     makes layers of different scales, fan-ins or kinds comparable)."""
     w = layer.weight.detach()
     norms = w.reshape(w.shape[0], -1).double().norm(dim=1).cpu().numpy()[layout.entry_slots]
+    if not np.isfinite(norms).all():
+        raise ValueError(f"weight of layer {name or '<root>'!r} holds non-finite values: training diverged; "
+                         "nothing was removed (lower the learning rate or clip gradients)")
     mean = norms.mean() if norms.size else 0.0
     return p * (norms / mean if mean > 0 else np.ones_like(norms))
 
@@ -162,8 +165,9 @@ class DynamicSparsity:
     Args:
         model: module (or DDP wrapper) containing gated layers
             (:class:`~learn.L0BlockSparseLinear`, :class:`~learn.L0BlockSparseConv2d`).
-        optimizer: the ``torch.optim.Optimizer`` training the model (its per-slot state
-            is re-initialized for removed/regrown blocks and gathered on compaction), or None.
+        optimizer: the ``torch.optim.Optimizer`` training the model, or a list or tuple of
+            them when its parameters are split over several (their per-slot state is
+            re-initialized for removed/regrown blocks and gathered on compaction), or None.
         every: steps between updates (int >= 1).  Updates happen after steps
             ``start + every, start + 2*every, ...`` up to ``stop``.
         threshold: remove live blocks whose keep probability ``P(z != 0)`` is below it,
@@ -198,8 +202,7 @@ class DynamicSparsity:
                  start: int = 0, stop: int | None = None, ramp: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        self._optimizers = as_optimizers(optimizer)
         self.every = _int(every, "every", 1)
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
             raise TypeError(f"threshold must be a number in (0, 1), got {threshold!r}")
@@ -335,12 +338,17 @@ class DynamicSparsity:
         """Layouts after removal, and the removed (rows, cols) per layer."""
         scheduled = self.target_density is not None
         candidates = []  # (0 closed / 1 open, keep probability / score, layer index, entry index)
-        for li, ((_, layer), layout) in enumerate(zip(layers, old)):
+        for li, ((name, layer), layout) in enumerate(zip(layers, old)):
             p = layer.gate.prob_nonzero().detach().double().cpu().numpy()[layout.entry_slots]
+            if not np.isfinite(p).all():
+                bad = int(layout.entry_slots[np.flatnonzero(~np.isfinite(p))[0]])
+                raise ValueError(f"gate keep probabilities of layer {name or '<root>'!r} are not finite "
+                                 f"(log_alpha of slot {bad} is {layer.gate.log_alpha[bad].item()}): training "
+                                 "diverged; nothing was removed (lower the learning rate or clip gradients)")
             closed = p < self.threshold
             # closed blocks go first, lowest keep probability first; then (with a target) the
             # open ones, lowest score first
-            value = np.where(closed, p, _block_scores(layer, layout, p) if scheduled else p)
+            value = np.where(closed, p, _block_scores(name, layer, layout, p) if scheduled else p)
             if layout.nnz == 0:
                 continue
             best = np.lexsort((-np.arange(layout.nnz), value, ~closed))[-1]  # a layer keeps its best block
@@ -442,7 +450,7 @@ class DynamicSparsity:
             if filled.size:
                 layer.gate.reset_(filled)
             for param in (layer.weight, layer.gate.log_alpha):
-                reset_slots(param, index.to(param.device), self.optimizer)
+                reset_slots(param, index.to(param.device), self._optimizers)
         if after != before:
             layer.set_layout(after)
         return int(gone.sum()), int(came.sum())
@@ -458,12 +466,12 @@ class DynamicSparsity:
         """
         with deferred_interrupts():
             for _, layer in self.layers():
-                layer.compact(self.optimizer)
+                layer.compact(self._optimizers)
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict:
         """Schedule position (``steps``, ``updates``, ``initial_nnz``: the start of the
-        density schedule) and history.  Layouts, gates and their noise generators are in
+        density schedule) and history.  Layouts, gates and their noise keys and counters are in
         the model's ``state_dict``; optimizer state in the optimizer's."""
         return {"steps": self.steps, "updates": self.updates, "initial_nnz": self.initial_nnz,
                 "history": [r.as_dict() for r in self.history],

@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .sharding import fill_slots_
 
 __all__ = ["register_initial_state", "initial_state_value", "gather_slots", "reset_slots",
-           "check_optimizer_state", "follows_slots", "UNCHECKED_OPTIMIZERS"]
+           "check_optimizer_state", "follows_slots", "as_optimizers", "UNCHECKED_OPTIMIZERS"]
 
 _INITIAL: dict = {}
 _tracked: dict = {}     # id(param) -> (weakref to the param, description of its owner)
@@ -136,21 +136,42 @@ def resize_slots(param: torch.nn.Parameter, capacity: int) -> None:
         _set_data(param, param.data.new_empty((capacity, *param.shape[1:])))
 
 
+def as_optimizers(optimizer, name: str = "optimizer") -> tuple:
+    """``optimizer`` as a tuple of optimizers: None gives ``()``, one
+    ``torch.optim.Optimizer`` a 1-tuple, a list or tuple of distinct optimizers (a model
+    whose parameter groups are split over several) itself."""
+    if optimizer is None:
+        return ()
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return (optimizer,)
+    if isinstance(optimizer, (list, tuple)):
+        for item in optimizer:
+            if not isinstance(item, torch.optim.Optimizer):
+                raise TypeError(f"{name} must be a torch.optim.Optimizer, a list or tuple of them, or None; "
+                                f"the sequence holds a {type(item).__name__}")
+        if len({id(item) for item in optimizer}) != len(optimizer):
+            raise ValueError(f"{name}: the same optimizer is listed twice")
+        return tuple(optimizer)
+    raise TypeError(f"{name} must be a torch.optim.Optimizer, a list or tuple of them, or None; "
+                    f"got {type(optimizer).__name__}")
+
+
 def reset_slots(param: torch.nn.Parameter, index: torch.Tensor, optimizer=None) -> None:
-    """Zero the gradient of slots ``index`` of ``param`` and give their optimizer state
-    the optimizer's initial values (see the module docstring)."""
+    """Zero the gradient of slots ``index`` of ``param`` and give their state in
+    ``optimizer`` (one, a list or tuple of them, or None) the optimizer's initial values
+    (see the module docstring)."""
+    optimizers = as_optimizers(optimizer)
     with torch.no_grad():
         if param.grad is not None:
             fill_slots_(param.grad, index, 0.0)
-        if optimizer is None:
-            return
-        state = optimizer.state.get(param)
-        if not state:
-            return
-        group = _group_of(optimizer, param)
-        for name, value in state.items():
-            if follows_slots(value, param):
-                fill_slots_(value, index, initial_state_value(optimizer, group, name))
+        for opt in optimizers:
+            state = opt.state.get(param)
+            if not state:
+                continue
+            group = _group_of(opt, param)
+            for name, value in state.items():
+                if follows_slots(value, param):
+                    fill_slots_(value, index, initial_state_value(opt, group, name))
 
 
 # ------------------------------------------------------------------ shape check

@@ -18,7 +18,7 @@ from ._checks import as_layout
 from ._interrupts import deferred_interrupts
 from .layout import BlockLayout
 from .layout_tensor import layout_tensor
-from .optim_state import gather_slots, resize_slots, track
+from .optim_state import as_optimizers, gather_slots, resize_slots, track
 from .sharding import is_sharded
 
 __all__ = ["BlockStorage", "layout_extra_state", "layout_from_extra_state"]
@@ -46,14 +46,6 @@ def layout_from_extra_state(state: dict, current: BlockLayout, block_size: int) 
     if layout.shape != current.shape:
         raise ValueError(f"the checkpoint's layout has shape {layout.shape}, the module's {current.shape}")
     return layout
-
-
-def _optimizers(optimizer) -> tuple:
-    if optimizer is None:
-        return ()
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return (optimizer,)
-    raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
 
 
 class BlockStorage:
@@ -118,15 +110,16 @@ class BlockStorage:
             raise ValueError(f"layout capacity {layout.capacity} != weight storage {self.weight.shape[0]}")
         self.layout = layout
 
-    def compact(self, optimizer: torch.optim.Optimizer | None = None):
+    def compact(self, optimizer=None):
         """Shrink storage to the live blocks, renumbered 0..nnz-1 in row-major order.
 
         In place: the Parameters stay the same objects (hooks, wrappers and optimizers
-        holding them stay valid).  ``optimizer``'s per-slot state (and the gradients) are
+        holding them stay valid).  The per-slot state of ``optimizer`` (a
+        ``torch.optim.Optimizer``, a list or tuple of them, or None) and the gradients are
         gathered along; any other optimizer with state for this layer raises a
         ``ValueError`` at its next step.  Returns the layer.
         """
-        optimizers = _optimizers(optimizer)
+        optimizers = as_optimizers(optimizer)
         if is_sharded(self.weight):
             raise RuntimeError(f"compact() on a {type(self).__name__} whose parameters FSDP shards: compact "
                                "before fully_shard(), or save a checkpoint, compact an unsharded model and shard it")

@@ -2,8 +2,10 @@
 optimizer at a common learning rate and the penalty at its default strength, holds it,
 never goes below it, resumes exactly, and validates its arguments."""
 import copy
+import importlib.util
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +268,57 @@ def test_schedule_arguments_are_checked(kwargs, error, match):
     with pytest.raises(error, match=match):
         DynamicSparsity(model, None, **kwargs)
     DynamicSparsity(model, None, target_density=0.2, ramp=100, start=10, stop=110)  # the ramp just fits
+
+
+# ------------------------------------------------------------ README snippet
+def _code_lines(text):
+    """Non-empty lines without indentation and trailing comments."""
+    lines = (line.split("  #")[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_readme_learn_snippet_is_the_measured_example_loop():
+    """The README's learn snippet is, line for line, the code examples/target_density.py
+    measures (its model, optimizer, controller and loop)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    start = readme.index("### Learned sparsity")
+    snippet = readme[readme.index("```python\n", start) + 10:]
+    snippet = snippet[:snippet.index("```")]
+    example = set(_code_lines((root / "examples" / "target_density.py").read_text()))
+    lines = _code_lines(snippet)
+    assert any("DynamicSparsity(" in line for line in lines)
+    missing = [line.replace("model = ", "", 1) for line in lines if line not in example]
+    example_text = "\n".join(example)
+    assert all(line in example_text for line in missing), missing
+
+
+def test_target_density_example_runs():
+    pytest.importorskip("sklearn")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("target_density_example",
+                                                  root / "examples" / "target_density.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.parse_args(["--models", "mlp", "--optimizers", "sgd", "--steps", "200"])
+    result = example.run("mlp", "sgd", args, example.load(0))
+    assert result["d1000"] == result["final"] < 1.0  # removals began on the schedule
+    assert result["scheduled"] == pytest.approx(0.2 + 0.8 * (1 - 200 / 1000) ** 3)
+    assert result["final"] >= result["scheduled"] - 1e-9
+    assert result["accuracy"] > 50
+
+
+@pytest.mark.parametrize("what", ["gate", "weight"])
+def test_diverged_training_is_reported_naming_the_layer_and_nothing_changes(what):
+    model = make_model(11)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl = DynamicSparsity(model, opt, every=1, target_density=0.2, ramp=0)
+    with torch.no_grad():
+        if what == "gate":
+            model[2].gate.log_alpha[3] = float("nan")
+        else:
+            model[2].weight[1, 0, 0] = float("inf")
+    layouts = [model[0].layout, model[2].layout]
+    with pytest.raises(ValueError, match=r"layer '2'.*training diverged"):
+        ctrl.step()
+    assert [model[0].layout, model[2].layout] == layouts

@@ -149,5 +149,59 @@ def test_optimizers_with_other_starting_values_can_be_declared():
 
 
 def test_compact_checks_the_optimizer_argument():
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or None"):
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, a list or tuple"):
         _layer().compact("adam")
+    layer = _layer()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="the sequence holds a str"):
+        layer.compact([opt, "adam"])
+    with pytest.raises(ValueError, match="listed twice"):
+        layer.compact([opt, opt])
+    with pytest.raises(TypeError, match="a list or tuple of them"):
+        learn.DynamicSparsity(learn.L0BlockSparseLinear(2 * B, 2 * B, block_size=B), {"opt": opt})
+
+
+def _gated_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(learn.L0BlockSparseLinear(4 * B, 4 * B, block_size=B, seed=seed), torch.nn.ReLU(),
+                               learn.L0BlockSparseLinear(4 * B, 4 * B, block_size=B, seed=seed + 1))
+
+
+def test_parameters_split_over_several_optimizers_are_all_followed():
+    """Weights in one optimizer, gates in another (a list given to the controller): both
+    get their removed slots reset and their state gathered on compaction, and both keep
+    stepping afterwards (the pre-step check would raise for a stale one)."""
+    model = _gated_model()
+    gates = learn.gate_parameters(model)
+    gate_ids = {id(p) for p in gates}
+    weights = [p for p in model.parameters() if id(p) not in gate_ids]
+    opt_w = torch.optim.Adam(weights, lr=0.01)
+    opt_g = torch.optim.SGD(gates, lr=0.1, momentum=0.9)
+    ctrl = learn.DynamicSparsity(model, [opt_w, opt_g], every=1, target_density=0.5, ramp=0)
+
+    def step():
+        x = torch.randn(6, 4 * B)
+        loss = model(x).square().mean() + learn.l0_penalty(model, target_density=0.5)
+        opt_w.zero_grad(); opt_g.zero_grad()
+        loss.backward()
+        opt_w.step(); opt_g.step()
+        return ctrl.step()
+
+    report = step()
+    assert report.removed > 0
+    for _, layer in ctrl.layers():
+        freed = np.setdiff1d(np.arange(layer.layout.capacity), layer.layout.entry_slots)
+        assert freed.size
+        assert torch.all(opt_w.state[layer.weight]["exp_avg"][freed] == 0)
+        assert torch.all(opt_w.state[layer.weight]["exp_avg_sq"][freed] == 0)
+        assert torch.all(opt_g.state[layer.gate.log_alpha]["momentum_buffer"][freed] == 0)
+    live_state = {id(layer): (opt_w.state[layer.weight]["exp_avg"][layer.layout.entry_slots.tolist()].clone(),
+                              opt_g.state[layer.gate.log_alpha]["momentum_buffer"][layer.layout.entry_slots.tolist()].clone())
+                  for _, layer in ctrl.layers()}
+    ctrl.compact()
+    for _, layer in ctrl.layers():
+        exp_avg, momentum = live_state[id(layer)]
+        assert layer.layout.capacity == layer.layout.nnz
+        assert torch.equal(opt_w.state[layer.weight]["exp_avg"], exp_avg)
+        assert torch.equal(opt_g.state[layer.gate.log_alpha]["momentum_buffer"], momentum)
+    step()  # both optimizers step on the compacted storage
