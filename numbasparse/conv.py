@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import ops
+from . import eager, ops
 from ._checks import as_layout, check_block_size, check_same_placement, check_tensor
 from .layout import BlockLayout
 from .layout_tensor import layout_tensor
@@ -152,6 +152,8 @@ def conv2d_op(x, w, layout_t, block_size: int, out_channels: int, geometry: Conv
     padding = _kernel_padding(geometry, tuple(x.shape[2:]), tuple(w.shape[1:3]))
     args = (x.contiguous(), w.contiguous(), layout_t, block_size, out_channels, list(geometry.stride),
             list(padding), list(geometry.dilation))
+    if eager.eager_allowed(args[0], args[1]):
+        return eager.conv2d(args[0], args[1], layout_t, block_size, geometry.stride, padding, geometry.dilation)
     return ops.FunctionalConv2d.apply(*args) if ops.transforms_active() else ops.conv2d(*args)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import eager, ops
 from ._checks import (as_layout, block_size_of, check_features, check_same_placement,
                       check_tensor, check_weight_shape)
 from .layout_tensor import layout_tensor
@@ -57,7 +57,10 @@ def matmul_op(x: torch.Tensor, w: torch.Tensor, bias, layout_t: torch.Tensor, bl
     x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
     args = (x2d.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), layout_t, block_size,
             out_features)
-    y = ops.FunctionalMatmul.apply(*args) if ops.transforms_active() else ops.matmul(*args)
+    if eager.eager_allowed(*args[:3]):
+        y = eager.matmul(*args)
+    else:
+        y = ops.FunctionalMatmul.apply(*args) if ops.transforms_active() else ops.matmul(*args)
     return y.reshape(*x.shape[:-1], out_features)
 
 
