@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backend
 from .layout_tensor import layout_of
@@ -26,19 +25,19 @@ __all__ = ["eager_allowed", "matmul", "conv2d"]
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def eager_allowed(x: torch.Tensor, *tensors) -> bool:
-    """Whether a call on ``x`` and ``tensors`` (None entries ignored) may take the fast path."""
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._get_tracing_state() is not None or torch._C._is_torch_function_mode_enabled()
-            or _get_current_dispatch_mode() is not None):
+def eager_allowed(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether a call on ``x``, ``w`` and ``bias`` (or None) may take the fast path."""
+    if (torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None
+            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()):
         return False
-    if type(x) not in _PLAIN or x.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(x.device.type):
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    return (type(x) in _PLAIN and type(w) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+            and (x.is_cpu or x.is_cuda))
 
 
-def _needs_graph(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_graph(x, w, bias=None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def matmul(x, w, bias, layout_t, block_size: int, out_features: int) -> torch.Tensor:

@@ -54,14 +54,15 @@ def matmul_op(x: torch.Tensor, w: torch.Tensor, bias, layout_t: torch.Tensor, bl
               out_features: int) -> torch.Tensor:
     """The ``torch.ops.numbasparse.matmul`` operator on checked arguments, over any
     leading dims of ``x`` (``layout_t``: :func:`~numbasparse.layout_tensor.layout_tensor`)."""
-    x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+    flat = x.dim() == 2
+    x2d = x if flat else (x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0))
     args = (x2d.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(), layout_t, block_size,
             out_features)
     if eager.eager_allowed(*args[:3]):
         y = eager.matmul(*args)
     else:
         y = ops.FunctionalMatmul.apply(*args) if ops.transforms_active() else ops.matmul(*args)
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if flat else y.reshape(*x.shape[:-1], out_features)
 
 
 from .conv import block_sparse_conv2d  # noqa: E402
