@@ -58,7 +58,7 @@ def test_the_operators_run_whenever_something_watches(context, monkeypatch):
         torch.func.vmap(lambda row: layer(row.unsqueeze(0)).squeeze(0))(x)
     else:
         layer = _layer("linear").to("meta")
-        assert not eager.eager_allowed(x.to("meta"))
+        assert not eager.eager_allowed(x.to("meta"), w.to("meta"))
         assert layer(x.to("meta")).shape == (3, 4 * B)
     assert seen == []
 
