@@ -10,6 +10,8 @@
 * :class:`DynamicSparsity` - removes blocks whose gates closed (and optionally regrows
   blocks) during training, so the kernels get faster as the model gets sparser; with
   ``target_density`` it brings the model to that density on a schedule and holds it.
+* :class:`GradualPruning` - gradual magnitude pruning (Zhu & Gupta 2017) of any
+  block-sparse layer, gated or not, removing pruned blocks from the layouts.
 
 Reaching a target density needs no tuning: one optimizer over all parameters at a
 common learning rate, ::
@@ -25,7 +27,10 @@ from .dynamic import DynamicSparsity, LayerReport, SparsityReport
 from .gates import DEAD_LOG_ALPHA, HardConcreteGate, zero_gate_probability
 from .layers import HAVE_CONV, L0BlockSparseConv2d, L0BlockSparseLinear, gate_parameters, gated_layers
 from .penalty import block_density, expected_density, l0_penalty
+from .pruning import GradualPruning, cubic_density
+from .slots import block_sparse_layers
 
 __all__ = ["HardConcreteGate", "DEAD_LOG_ALPHA", "zero_gate_probability", "L0BlockSparseLinear",
            "L0BlockSparseConv2d", "HAVE_CONV", "gated_layers", "gate_parameters", "l0_penalty",
-           "expected_density", "block_density", "DynamicSparsity", "SparsityReport", "LayerReport"]
+           "expected_density", "block_density", "DynamicSparsity", "SparsityReport", "LayerReport",
+           "GradualPruning", "cubic_density", "block_sparse_layers"]

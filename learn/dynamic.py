@@ -88,12 +88,12 @@ from torch import nn
 
 from numbasparse._interrupts import deferred_interrupts
 from numbasparse.layout import BlockLayout
-from numbasparse.optim_state import as_optimizers, reset_slots
-from numbasparse.sharding import fill_slots_
+from numbasparse.optim_state import as_optimizers
 
 from .layers import block_grad_norms, gated_layers
 from .penalty import block_density, check_target_density
 from .reports import LayerReport, SparsityReport
+from .slots import install_layout
 
 __all__ = ["DynamicSparsity", "SparsityReport", "LayerReport", "DEFAULT_RAMP"]
 
@@ -435,25 +435,7 @@ class DynamicSparsity:
 
     def _apply(self, layer, before: BlockLayout, after: BlockLayout):
         """Install ``after`` and clear the slots it frees or fills; returns (removed, regrown)."""
-        old_tab, new_tab = before.slot_table, after.slot_table
-        gone = (old_tab >= 0) & (old_tab != new_tab)
-        came = (new_tab >= 0) & (new_tab != old_tab)
-        freed = old_tab[gone]
-        filled = new_tab[came]
-        touched = np.union1d(freed, filled)
-        if touched.size:
-            index = torch.as_tensor(touched, dtype=torch.long, device=layer.weight.device)
-            fill_slots_(layer.weight, index, 0.0)
-            dead = np.setdiff1d(freed, filled)
-            if dead.size:
-                layer.gate.kill_(dead)
-            if filled.size:
-                layer.gate.reset_(filled)
-            for param in (layer.weight, layer.gate.log_alpha):
-                reset_slots(param, index.to(param.device), self._optimizers)
-        if after != before:
-            layer.set_layout(after)
-        return int(gone.sum()), int(came.sum())
+        return install_layout(layer, before, after, self._optimizers)
 
     # ------------------------------------------------------------- compaction
     @torch.no_grad()
