@@ -9,12 +9,14 @@ from .functional import block_sparse_conv2d, block_sparse_matmul
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, BlocksparseMatMul
 from .nn_conv import BlockSparseConv2d
+from .convert import SparsifyReport, sparsify
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "layouts", "functional", "block_sparse_matmul", "block_sparse_conv2d",
            "BlockSparseLinear", "BlocksparseMatMul",
-           "BlockSparseConv2d", "set_num_threads", "get_num_threads", "learn", "__version__"]
+           "BlockSparseConv2d", "sparsify", "SparsifyReport",
+           "set_num_threads", "get_num_threads", "learn", "__version__"]
 
 
 def set_num_threads(n: int | None) -> None:
