@@ -1,4 +1,9 @@
-"""Block-sparse layers (numbasparse) against dense PyTorch and its peers, on one machine in one run."""
+"""Block-sparse layers (numbasparse) against dense PyTorch and its peers, on one machine in one run.
+
+With --model: a pruned-model mode instead, an MLP hidden/4 -> hidden -> hidden -> hidden/4
+pruned to block density d (largest-norm blocks kept), inference with numbasparse and with
+onnxruntime and DeepSparse (--peer-python) where available, against the unpruned model in
+dense PyTorch."""
 import argparse
 import json
 import sys
@@ -51,27 +56,42 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m numbasparse.bench", description=__doc__,
                                 epilog="Every implementation of an op is timed in interleaved rounds in this one "
                                        "process; the speedup column is dense torch's time over the row's time "
-                                       "from the same rounds.")
+                                       "from the same rounds (with --model, DeepSparse runs in its own process: "
+                                       "marked *, against dense torch of the same batch in this run).")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where to run: the numba CPU kernels or the numba.cuda kernels (default: cpu)")
     p.add_argument("--hidden", type=int, default=4096,
-                   help="features in and out of the benchmarked layer (default: 4096)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256],
-                   help="rows of the input, one or more (default: 1 32 256)")
-    p.add_argument("--block", type=int, nargs="+", default=[8, 16, 32], choices=(8, 16, 32),
-                   help="block sizes, one or more (default: 8 16 32)")
-    p.add_argument("--density", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.03],
-                   help="fractions of live blocks, one or more (default: 1.0 0.5 0.25 0.1 0.03)")
+                   help="features in and out of the benchmarked layer; with --model the MLP's hidden width, "
+                        "its input and output being hidden/4 (default: 4096)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="rows of the input, one or more (default: 1 32 256; with --model: 1 64 256)")
+    p.add_argument("--block", type=int, nargs="+", default=None, choices=(8, 16, 32),
+                   help="block sizes, one or more (default: 8 16 32; with --model: 32)")
+    p.add_argument("--density", type=float, nargs="+", default=None,
+                   help="fractions of live blocks, one or more (default: 1.0 0.5 0.25 0.1 0.03; "
+                        "with --model: 0.1 0.25)")
     p.add_argument("--repeats", type=int, default=5,
                    help="interleaved timing rounds per measurement; the median is reported (default: 5)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for torch and the kernels (default: torch's current setting)")
     p.add_argument("--quick", action="store_true",
                    help="small grid in under a minute: batch 1 and 256, block 32 and 8, density 0.5 and 0.1, "
-                        "conv block 32, the overhead and model rows; no peers")
+                        "conv block 32, the overhead and model rows; no peers.  With --model: batch 1 and 64, "
+                        "density 0.1, 3 repeats")
+    p.add_argument("--model", action="store_true",
+                   help="run only the pruned-model mode: the MLP hidden/4 -> hidden -> hidden -> hidden/4 (ReLU "
+                        "between, float32) pruned per layer to each --density of its largest-norm --block blocks, "
+                        "inference (torch.inference_mode) with numbasparse, onnxruntime (if installed: the masked "
+                        "dense model exported to ONNX) and DeepSparse (with --peer-python), against the unpruned "
+                        "model in dense torch; the outputs are checked against the masked dense model first")
+    p.add_argument("--peer-python", metavar="PATH",
+                   help="with --model: the Python interpreter of another environment with deepsparse installed "
+                        "(it needs numpy<2), e.g. a venv with deepsparse==1.8.0 \"numpy<2\" \"onnx<1.16\"; it "
+                        "times the same ONNX file in its own process (numbasparse/bench/peer_worker.py)")
     p.add_argument("--no-conv", action="store_true", help="skip the convolution rows")
     p.add_argument("--no-peers", action="store_true",
-                   help="time only numbasparse and dense torch (skip masked dense and torch BSR)")
+                   help="time only numbasparse and dense torch (skip masked dense and torch BSR; with --model: "
+                        "skip onnxruntime and DeepSparse)")
     p.add_argument("--no-layers", action="store_true",
                    help="skip the per-call overhead rows (256x256 layer, batch 1) and the mixed-model rows")
     p.add_argument("--compile", action="store_true",
@@ -82,11 +102,21 @@ def main(argv=None):
     p.add_argument("--plot", metavar="PATH", help="save speedup-vs-density plots to PATH (needs matplotlib)")
     args = p.parse_args(argv)
 
+    if args.model:
+        if args.device != "cpu":
+            p.error("--model runs on the CPU (numba CPU kernels, onnxruntime and DeepSparse on the CPU)")
+        if args.plot:
+            p.error("--plot draws the layer grid's speedup curves; --model has none")
+        return _main_model(p, args)
+    if args.peer_python:
+        p.error("--peer-python goes with --model")
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             p.error("--device cuda: torch sees no CUDA device")
-    batches, blocks, densities = args.batch, args.block, args.density
+    batches = args.batch or [1, 32, 256]
+    blocks = args.block or [8, 16, 32]
+    densities = args.density or [1.0, 0.5, 0.25, 0.1, 0.03]
     conv_blocks = (16, 32)
     model_densities = (0.25, 0.1)
     peers = not args.no_peers
@@ -97,11 +127,41 @@ def main(argv=None):
                  args.threads, conv=not args.no_conv, peers=peers, conv_block_sizes=conv_blocks,
                  layers=not args.no_layers, model_densities=model_densities)
     info = result["info"]
-    print(f"# numbasparse bench: {info.get('gpu', info['cpu'])}, {info['threads']} threads, "
-          f"torch {info['torch']}, numba {info['numba']}, {info['date']}, commit {info['commit']}")
+    _print_header(info)
     print(format_table(result["rows"]))
     print()
     print(format_summary(result["rows"]))
+    _extras(args, result)
+
+
+def _print_header(info):
+    print(f"# numbasparse bench: {info.get('gpu', info['cpu'])}, {info['threads']} threads, "
+          f"torch {info['torch']}, numba {info['numba']}, {info['date']}, commit {info['commit']}")
+
+
+def _main_model(p, args):
+    from .pruned import format_pruned_table, run_pruned
+
+    batches = args.batch or [1, 64, 256]
+    blocks = args.block or [32]
+    densities = args.density or [0.1, 0.25]
+    repeats = args.repeats
+    if args.quick:
+        batches, densities, repeats = [1, 64], [0.1], min(repeats, 3)
+    bad = [b for b in blocks if args.hidden % (4 * b)]
+    if bad:
+        p.error(f"--model: --hidden {args.hidden} must be a multiple of 4 x block ({4 * bad[0]}): "
+                "the MLP's input and output have hidden/4 features")
+    if any(not 0 < d <= 1 for d in densities):
+        p.error("--model: each --density must be in (0, 1]")
+    result = run_pruned(args.hidden, tuple(batches), tuple(blocks), tuple(densities), repeats, args.threads,
+                        peers=not args.no_peers, peer_python=args.peer_python)
+    _print_header(result["info"])
+    print(format_pruned_table(result["rows"], result["notes"]))
+    _extras(args, result)
+
+
+def _extras(args, result):
     if args.compile:
         from .compile import compile_times, format_compile
 
