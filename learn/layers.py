@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from numbasparse import layouts as _layouts
-from numbasparse._checks import autocast_to_float32, check_block_size, check_module_input
+from numbasparse._checks import (autocast_to_float32, check_block_size, check_image_batch, check_module_input,
+                                unbatched_image)
 from numbasparse.functional import matmul_op
 from numbasparse.layout_tensor import layout_tensor
 from numbasparse.nn import BlockSparseLinear, blocks_to_dense
@@ -263,12 +264,14 @@ class L0BlockSparseConv2d(GatedBlockSparse, _BlockSparseConv2d):
         self._out_positions = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``(N, in_channels, H, W)`` -> ``(N, out_channels, H_out, W_out)``."""
+        """x ``(N, in_channels, H, W)`` -> ``(N, out_channels, H_out, W_out)``; an unbatched
+        ``(in_channels, H, W)`` gives ``(out_channels, H_out, W_out)``, as with ``nn.Conv2d``."""
+        if unbatched_image(x):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         w, layout_t = self._kernel_operands()
         x = autocast_to_float32(x)
+        check_image_batch(x)
         check_module_input(x, w, self.in_channels, 1, "channels")
-        if x.dim() != 4:
-            raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
         geometry = conv_geometry(tuple(x.shape[2:]), self.kernel_size, self.stride, self.padding, self.dilation)
         y = conv2d_op(x, w, layout_t, self.block_size, self.out_channels, geometry)
         self._out_positions = geometry.output_size[0] * geometry.output_size[1]

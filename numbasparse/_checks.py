@@ -76,6 +76,17 @@ def autocast_to_float32(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def unbatched_image(x) -> bool:
+    """Whether ``x`` is one unbatched ``(C, H, W)`` image (a conv layer adds the batch)."""
+    return isinstance(x, torch.Tensor) and x.dim() == 3
+
+
+def check_image_batch(x) -> None:
+    """``x`` is a batch of images ``(N, C, H, W)``."""
+    if isinstance(x, torch.Tensor) and x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(x.shape)}")
+
+
 def check_module_input(x, w: torch.Tensor, features: int, dim: int, what: str) -> None:
     """``x`` fits a layer with weight ``w``: a float tensor of ``w``'s dtype and device
     with ``features`` entries along ``dim``."""

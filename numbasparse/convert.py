@@ -256,8 +256,7 @@ def sparsify(model: nn.Module, density: float | None = None, threshold: float | 
     module shares (tied weights), dtypes other than float32 / float64, weights on the
     meta device, and layers left out by ``include`` / ``exclude``.  Code that reads a
     converted layer's ``weight`` as a dense matrix (``F.linear(x, layer.weight)``) must
-    be excluded by the caller, and a converted conv takes batched input
-    ``(N, C, H, W)`` only (``nn.Conv2d`` also takes ``(C, H, W)``).
+    be excluded by the caller.
 
     Nothing is changed before every candidate layer has been checked; the layers are
     then converted one at a time, so the extra memory is one layer's.

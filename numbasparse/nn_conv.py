@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from . import layouts
-from ._checks import as_layout, autocast_to_float32, check_block_size, check_module_input
+from ._checks import (as_layout, autocast_to_float32, check_block_size, check_image_batch, check_module_input,
+                      unbatched_image)
 from .conv import conv2d_op, conv_blocks_from_dense, conv_geometry, dense_conv_weight
 from .storage import BlockStorage
 
@@ -99,7 +100,10 @@ class BlockSparseConv2d(BlockStorage, nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``(N, in_channels, H, W)`` -> ``(N, out_channels, Ho, Wo)``."""
+        """x ``(N, in_channels, H, W)`` -> ``(N, out_channels, Ho, Wo)``; an unbatched
+        ``(in_channels, H, W)`` gives ``(out_channels, Ho, Wo)``, as with ``nn.Conv2d``."""
+        if unbatched_image(x):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         y = self._conv(x, self.weight)
         return y if self.bias is None else y + autocast_to_float32(self.bias).view(1, -1, 1, 1)
 
@@ -107,9 +111,8 @@ class BlockSparseConv2d(BlockStorage, nn.Module):
         """The block-sparse convolution of ``x`` with blocks ``w`` (``weight``'s shape)
         and this layer's geometry, through the conv2d operator."""
         x, w = autocast_to_float32(x), autocast_to_float32(w)
+        check_image_batch(x)
         check_module_input(x, w, self.in_channels, 1, "channels")
-        if x.dim() != 4:
-            raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
         geometry = conv_geometry(tuple(x.shape[2:]), self.kernel_size, self.stride, self.padding, self.dilation)
         return conv2d_op(x, w, self.kernel_layout, self.block_size, self.out_channels, geometry)
 

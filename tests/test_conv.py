@@ -400,3 +400,20 @@ def test_gpu_module_on_side_stream():
         y = conv(x)
     torch.cuda.current_stream().wait_stream(stream)
     check_close(y, ref, torch.float32, "module (gpu)")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_unbatched_image_as_with_nn_conv2d(gated):
+    import learn
+    torch.manual_seed(0)
+    mask = np.ones((2, 2), dtype=bool)
+    mask[0, 1] = False
+    layer = (learn.L0BlockSparseConv2d(16, 16, 3, mask, block_size=8, padding=1).eval() if gated
+             else BlockSparseConv2d(16, 16, 3, mask, block_size=8, padding=1)).double()
+    x = torch.randn(16, 5, 6, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (16, 5, 6)
+    assert torch.allclose(y, layer(x.unsqueeze(0))[0], rtol=0, atol=1e-12)
+    for bad in (torch.randn(16, 5, dtype=torch.float64), torch.randn(1, 1, 16, 5, 6, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"x must be 4-D \(N, C, H, W\) or 3-D \(C, H, W\), got shape"):
+            layer(bad)
