@@ -156,9 +156,8 @@ def test_python_thread_pool_fallback(always_parallel, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(), reason="this torch build does not use OpenMP")
 def test_uses_torchs_openmp_team_when_available():
-    if "OpenMP" not in torch.__config__.parallel_info():
-        pytest.skip("this torch build does not use OpenMP")
     assert runtime.backend_name() == "openmp"
 
 
