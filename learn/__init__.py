@@ -27,7 +27,8 @@ from .dynamic import DynamicSparsity, LayerReport, SparsityReport
 from .gates import DEAD_LOG_ALPHA, HardConcreteGate, zero_gate_probability
 from .layers import HAVE_CONV, L0BlockSparseConv2d, L0BlockSparseLinear, gate_parameters, gated_layers
 from .penalty import block_density, expected_density, l0_penalty
-from .pruning import GradualPruning, cubic_density
+from .pruning import GradualPruning
+from .schedule import cubic_density
 from .slots import block_sparse_layers
 
 __all__ = ["HardConcreteGate", "DEAD_LOG_ALPHA", "zero_gate_probability", "L0BlockSparseLinear",

@@ -93,7 +93,9 @@ from numbasparse.optim_state import as_optimizers
 from .layers import block_grad_norms, gated_layers
 from .penalty import block_density, check_target_density
 from .reports import LayerReport, SparsityReport
-from .slots import install_layout
+from .schedule import check_int, cubic_density
+from .slots import allocate, install_layout, live_block_norms
+from .sync import broadcast_layouts, distributed
 
 __all__ = ["DynamicSparsity", "SparsityReport", "LayerReport", "DEFAULT_RAMP"]
 
@@ -104,54 +106,12 @@ _REGROW_MODES = (None, "gradient", "random")
 DEFAULT_RAMP = 1000
 
 
-def _int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _allocate(count: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
-    """Split ``count`` items over bins in proportion to ``weights`` without exceeding
-    ``caps`` (largest remainder; spare items go to bins with room, in order)."""
-    alloc = np.zeros(len(caps), dtype=np.int64)
-    remaining = int(min(count, caps.sum()))
-    while remaining > 0:
-        room = caps - alloc
-        w = np.where(room > 0, weights, 0.0).astype(np.float64)
-        if w.sum() <= 0:
-            w = (room > 0).astype(np.float64)
-        share = remaining * w / w.sum()
-        base = np.minimum(np.floor(share).astype(np.int64), room)
-        if base.sum() == 0:
-            order = np.argsort(-(share - np.floor(share)), kind="stable")
-            for k in order:
-                if remaining == 0:
-                    break
-                if room[k] > 0:
-                    alloc[k] += 1
-                    remaining -= 1
-        else:
-            alloc += base
-            remaining -= int(base.sum())
-    return alloc
-
-
-def _block_scores(name: str, layer, layout: BlockLayout, p: np.ndarray) -> np.ndarray:
+def _block_scores(name: str, layer, p: np.ndarray) -> np.ndarray:
     """Score of each live entry of ``layer`` (layout entry order) for scheduled removal:
     keep probability times the Frobenius norm of the block's weight relative to the mean
     norm of the layer's live blocks, ``p_s * ||W_s|| / mean_live ||W||`` (the relative norm
     makes layers of different scales, fan-ins or kinds comparable)."""
-    w = layer.weight.detach()
-    norms = w.reshape(w.shape[0], -1).double().norm(dim=1).cpu().numpy()[layout.entry_slots]
-    if not np.isfinite(norms).all():
-        raise ValueError(f"weight of layer {name or '<root>'!r} holds non-finite values: training diverged; "
-                         "nothing was removed (lower the learning rate or clip gradients)")
+    norms = live_block_norms(name, layer)
     mean = norms.mean() if norms.size else 0.0
     return p * (norms / mean if mean > 0 else np.ones_like(norms))
 
@@ -203,7 +163,7 @@ class DynamicSparsity:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._optimizers = as_optimizers(optimizer)
-        self.every = _int(every, "every", 1)
+        self.every = check_int(every, "every", 1)
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
             raise TypeError(f"threshold must be a number in (0, 1), got {threshold!r}")
         if not 0.0 < threshold < 1.0:
@@ -211,12 +171,12 @@ class DynamicSparsity:
         if regrow not in _REGROW_MODES:
             raise ValueError(f"regrow must be one of {_REGROW_MODES}, got {regrow!r}")
         target_density = check_target_density(target_density)
-        self.seed = _int(seed, "seed", 0)
-        self.start = _int(start, "start", 0)
-        self.stop = None if stop is None else _int(stop, "stop", self.start)
+        self.seed = check_int(seed, "seed", 0)
+        self.start = check_int(start, "start", 0)
+        self.stop = None if stop is None else check_int(stop, "stop", self.start)
         if ramp is not None and target_density is None:
             raise ValueError("ramp needs target_density: it is the length of the schedule to the target")
-        self.ramp = None if target_density is None else (DEFAULT_RAMP if ramp is None else _int(ramp, "ramp", 0))
+        self.ramp = None if target_density is None else (DEFAULT_RAMP if ramp is None else check_int(ramp, "ramp", 0))
         if self.ramp is not None and self.stop is not None and self.stop < self.start + self.ramp:
             raise ValueError(f"stop={self.stop} comes before the end of the ramp to target_density "
                              f"(start + ramp = {self.start + self.ramp}): the target would never be reached")
@@ -232,7 +192,7 @@ class DynamicSparsity:
         self._layers = gated_layers(model)
         if not self._layers:
             raise ValueError("model has no gated layers (learn.L0BlockSparseLinear / L0BlockSparseConv2d)")
-        if _distributed():
+        if distributed():
             for (_, layer), layout in zip(self._layers, self._broadcast([l.layout for _, l in self._layers])):
                 if layout != layer.layout:
                     layer.set_layout(layout)
@@ -267,8 +227,9 @@ class DynamicSparsity:
         d, d0 = self.target_density, self.initial_nnz / self.total_blocks()
         if d0 <= d:
             return d0
-        progress = 1.0 if self.ramp == 0 else min(1.0, max(0.0, (step - self.start) / self.ramp))
-        return d + (d0 - d) * (1.0 - progress) ** 3
+        if self.ramp == 0:
+            return d
+        return cubic_density(step, d0, d, self.start, self.start + self.ramp)
 
     def scheduled_nnz(self, step: int) -> int | None:
         """Live blocks the schedule asks for after step ``step``: ``ceil(scheduled_density * total)``,
@@ -314,7 +275,7 @@ class DynamicSparsity:
         after, removed = self._plan_removal(layers, old, step)
         new = self._plan_regrowth(layers, old, after, removed, index, step) if self.regrow else after
         mismatch = False
-        if _distributed():
+        if distributed():
             agreed = self._broadcast(new)
             mismatch = agreed != new
             new = agreed
@@ -348,7 +309,7 @@ class DynamicSparsity:
             closed = p < self.threshold
             # closed blocks go first, lowest keep probability first; then (with a target) the
             # open ones, lowest score first
-            value = np.where(closed, p, _block_scores(name, layer, layout, p) if scheduled else p)
+            value = np.where(closed, p, _block_scores(name, layer, p) if scheduled else p)
             if layout.nnz == 0:
                 continue
             best = np.lexsort((-np.arange(layout.nnz), value, ~closed))[-1]  # a layer keeps its best block
@@ -382,7 +343,7 @@ class DynamicSparsity:
         caps = np.array([min(int(ok.sum()), l.free_slots().size) for ok, l in zip(eligible, after)])
         lost = np.array([r.size for r, _ in removed], dtype=np.float64)
         weights = lost if lost.sum() > 0 else np.array([ok.sum() for ok in eligible], dtype=np.float64)
-        counts = _allocate(deficit, weights, caps)
+        counts = allocate(deficit, weights, caps)
         scores = self._gradient_scores(layers) if self.regrow == "gradient" and counts.sum() > 0 else None
         new = []
         for li, (layout, ok, k) in enumerate(zip(after, eligible, counts)):
@@ -410,7 +371,7 @@ class DynamicSparsity:
                     f"gradient regrowth needs the last training batch of layer {name!r}, but none "
                     "was captured: run a forward and backward pass in training before the update "
                     "(DynamicSparsity.step() arms the capture one step ahead)")
-            if _distributed():
+            if distributed():
                 grad = grad.contiguous()
                 torch.distributed.all_reduce(grad)
                 grad /= torch.distributed.get_world_size()
@@ -418,20 +379,7 @@ class DynamicSparsity:
         return scores
 
     def _broadcast(self, layouts):
-        """Rank 0's layouts, on every rank (one broadcast of all slot tables)."""
-        device = self.layers()[0][1].weight.device
-        if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        flat = torch.from_numpy(np.concatenate([l.slot_table.ravel() for l in layouts]).astype(np.int64)).to(device)
-        torch.distributed.broadcast(flat, src=0)
-        flat = flat.cpu().numpy()
-        out, offset = [], 0
-        for layout in layouts:
-            table = flat[offset:offset + layout.in_blocks * layout.out_blocks].reshape(layout.shape)
-            offset += table.size
-            rows, cols = np.nonzero(table >= 0)
-            out.append(BlockLayout(table >= 0, table[rows, cols], layout.capacity))
-        return out
+        return broadcast_layouts(layouts, self.layers()[0][1].weight.device)
 
     def _apply(self, layer, before: BlockLayout, after: BlockLayout):
         """Install ``after`` and clear the slots it frees or fills; returns (removed, regrown)."""
@@ -464,8 +412,8 @@ class DynamicSparsity:
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (the settings given to the constructor stay);
         nothing changes when ``state`` is incomplete."""
-        steps, updates = _int(state["steps"], "steps", 0), _int(state["updates"], "updates", 0)
-        initial_nnz = _int(state["initial_nnz"], "initial_nnz", 0)
+        steps, updates = check_int(state["steps"], "steps", 0), check_int(state["updates"], "updates", 0)
+        initial_nnz = check_int(state["initial_nnz"], "initial_nnz", 0)
         history = [SparsityReport.from_dict(d) for d in state.get("history", [])]
         self.steps, self.updates, self.initial_nnz, self.history = steps, updates, initial_nnz, history
         self._arm(self.steps)

@@ -42,7 +42,6 @@ same cubic schedule is built into ``DynamicSparsity(target_density=...)``.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
@@ -52,43 +51,12 @@ from numbasparse._interrupts import deferred_interrupts
 from numbasparse.optim_state import as_optimizers
 
 from .reports import LayerReport, SparsityReport
-from .slots import block_sparse_layers, install_layout
+from .schedule import check_fraction, check_int, cubic_density
+from .slots import block_sparse_layers, install_layout, live_block_norms
 
-__all__ = ["GradualPruning", "cubic_density"]
+__all__ = ["GradualPruning"]
 
 _SCOPES = ("layer", "global")
-
-
-def _int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _fraction(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}")
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return float(value)
-
-
-def cubic_density(step: int, initial_density: float, final_density: float, start_step: int,
-                  end_step: int) -> float:
-    """The density of the cubic schedule after step ``step`` (see the module docstring)."""
-    if end_step <= start_step:  # one-shot pruning at start_step
-        return final_density if step >= start_step else initial_density
-    progress = min(1.0, max(0.0, (step - start_step) / (end_step - start_step)))
-    return final_density + (initial_density - final_density) * (1.0 - progress) ** 3
-
-
-def _block_norms(layer) -> np.ndarray:
-    """Frobenius norm of each live block of ``layer`` (layout entry order), float64."""
-    w = layer.weight.detach()
-    norms = w.reshape(w.shape[0], -1).double().norm(dim=1).cpu().numpy()
-    return norms[layer.layout.entry_slots]
 
 
 class GradualPruning:
@@ -117,13 +85,13 @@ class GradualPruning:
 
     def __init__(self, model: nn.Module, optimizer, final_density: float, start_step: int, end_step: int,
                  every: int = 100, initial_density: float = 1.0, scope: str = "layer"):
-        self.final_density = _fraction(final_density, "final_density")
-        self.initial_density = _fraction(initial_density, "initial_density")
+        self.final_density = check_fraction(final_density, "final_density")
+        self.initial_density = check_fraction(initial_density, "initial_density")
         if self.initial_density < self.final_density:
             raise ValueError(f"initial_density ({initial_density}) must be >= final_density ({final_density})")
-        self.start_step = _int(start_step, "start_step", 0)
-        self.end_step = _int(end_step, "end_step", self.start_step)
-        self.every = _int(every, "every", 1)
+        self.start_step = check_int(start_step, "start_step", 0)
+        self.end_step = check_int(end_step, "end_step", self.start_step)
+        self.every = check_int(every, "every", 1)
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
         self.scope = scope
@@ -193,11 +161,7 @@ class GradualPruning:
         """Per layer, the layout entries (indices) to remove."""
         norms, totals, live = [], [], []
         for name, layer in layers:
-            n = _block_norms(layer)
-            if not np.isfinite(n).all():
-                raise ValueError(f"weight of layer {name or '<root>'!r} holds non-finite values: training "
-                                 "diverged; nothing was pruned (lower the learning rate or clip gradients)")
-            norms.append(n)
+            norms.append(live_block_norms(name, layer))
             totals.append(layer.layout.in_blocks * layer.layout.out_blocks)
             live.append(layer.layout.nnz)
         if self.scope == "layer":
@@ -252,7 +216,7 @@ class GradualPruning:
             if key in mine and mine[key] != value:
                 raise ValueError(f"checkpoint of a GradualPruning with {key}={value!r}, but this one has "
                                  f"{key}={mine[key]!r}: build it with the saved schedule")
-        steps, updates = _int(state["steps"], "steps", 0), _int(state["updates"], "updates", 0)
+        steps, updates = check_int(state["steps"], "steps", 0), check_int(state["updates"], "updates", 0)
         history = [SparsityReport.from_dict(d) for d in state.get("history", [])]
         self.steps, self.updates, self.history = steps, updates, history
 

@@ -12,7 +12,7 @@ from numbasparse.optim_state import reset_slots
 from numbasparse.sharding import fill_slots_
 from numbasparse.storage import BlockStorage
 
-__all__ = ["install_layout", "block_sparse_layers"]
+__all__ = ["install_layout", "block_sparse_layers", "live_block_norms", "allocate"]
 
 
 def block_sparse_layers(model: nn.Module) -> list:
@@ -57,3 +57,41 @@ def install_layout(layer, before: BlockLayout, after: BlockLayout, optimizers=()
     if after != before:
         layer.set_layout(after)
     return int(gone.sum()), int(came.sum())
+
+
+def live_block_norms(name: str, layer) -> np.ndarray:
+    """Frobenius norm of each live block of ``layer`` (layout entry order), float64.
+    ValueError naming the layer when its weight holds NaN or infinity (training diverged:
+    no block ranking means anything then)."""
+    w = layer.weight.detach()
+    norms = w.reshape(w.shape[0], -1).double().norm(dim=1).cpu().numpy()[layer.layout.entry_slots]
+    if not np.isfinite(norms).all():
+        raise ValueError(f"weight of layer {name or '<root>'!r} holds non-finite values: training diverged; "
+                         "nothing was removed (lower the learning rate or clip gradients)")
+    return norms
+
+
+def allocate(count: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """Split ``count`` items over bins in proportion to ``weights`` without exceeding
+    ``caps`` (largest remainder; spare items go to bins with room, in order)."""
+    alloc = np.zeros(len(caps), dtype=np.int64)
+    remaining = int(min(count, caps.sum()))
+    while remaining > 0:
+        room = caps - alloc
+        w = np.where(room > 0, weights, 0.0).astype(np.float64)
+        if w.sum() <= 0:
+            w = (room > 0).astype(np.float64)
+        share = remaining * w / w.sum()
+        base = np.minimum(np.floor(share).astype(np.int64), room)
+        if base.sum() == 0:
+            order = np.argsort(-(share - np.floor(share)), kind="stable")
+            for k in order:
+                if remaining == 0:
+                    break
+                if room[k] > 0:
+                    alloc[k] += 1
+                    remaining -= 1
+        else:
+            alloc += base
+            remaining -= int(base.sum())
+    return alloc
