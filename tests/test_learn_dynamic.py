@@ -182,9 +182,9 @@ def test_target_density_is_a_floor_without_regrowth():
     total = 32 + 16
     with torch.no_grad():  # close every gate of layer 0, with distinct keep probabilities
         model[0].gate.log_alpha.copy_(-4.0 - torch.rand(32, dtype=torch.float64))
-    p_before = model[0].gate.prob_nonzero().detach().clone()
     ctrl = DynamicSparsity(model, opt, every=1, threshold=0.3, target_density=0.5)
     train_step(model, opt, torch.randn(8, 32, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64))
+    p_before = model[0].gate.prob_nonzero().detach().clone()  # what the update ranks: after the optimizer step
     report = ctrl.step()
     floor = math.ceil(0.5 * total)
     assert sum(r.nnz for r in report.layers) == floor and report.density == pytest.approx(floor / total)
