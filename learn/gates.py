@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from numbasparse._checks import LOW_PRECISION
 from numbasparse.optim_state import gather_slots, resize_slots, track
 from numbasparse.sharding import fill_slots_, full_tensor
 
@@ -101,6 +102,8 @@ class HardConcreteGate(nn.Module):
         self.init_keep = init_keep
         self.eps = eps
         self.seed = int(seed)
+        if dtype in LOW_PRECISION:
+            dtype = torch.float32   # see _apply
         self.log_alpha = nn.Parameter(torch.full((self.n,), self.init_log_alpha, device=device, dtype=dtype))
         self.register_buffer("noise_key", torch.tensor(split_seed(self.seed), dtype=torch.int64, device=device))
         self.register_buffer("noise_counter", torch.zeros((), dtype=torch.int64, device=device))
@@ -239,7 +242,20 @@ class HardConcreteGate(nn.Module):
             self._dead = (self.log_alpha.detach().cpu() <= DEAD_LOG_ALPHA / 2).numpy()
 
     def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
+        # .half() / .to(torch.bfloat16) of a model leave log_alpha (and its gradient) in
+        # their precision: the hard-concrete noise and the logits need more than 8 bits
+        # of mantissa; device moves apply as usual.
+        log_alpha = self.log_alpha
+        keep = {id(log_alpha), id(log_alpha.grad)} - {id(None)}
+
+        def keep_precision(t):
+            out = fn(t)
+            if id(t) in keep and isinstance(out, torch.Tensor) and out.dtype in LOW_PRECISION \
+                    and t.dtype not in LOW_PRECISION:
+                return t.to(device=out.device)
+            return out
+
+        out = super()._apply(keep_precision, *args, **kwargs)
         track(self.log_alpha, "HardConcreteGate log_alpha")
         return out
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from numbasparse import layouts as _layouts
-from numbasparse._checks import (autocast_to_float32, check_block_size, check_image_batch, check_module_input,
+from numbasparse._checks import (autocast_input, check_block_size, check_image_batch, check_module_input,
                                 unbatched_image)
 from numbasparse.functional import matmul_op
 from numbasparse.layout_tensor import layout_tensor
@@ -85,21 +85,22 @@ class GatedBlockSparse:
         """``(w, layout tensor)`` to hand the operator: the gated blocks ``weight * z`` with
         the layout, or, while the layout has free slots, only the live gated blocks
         (gathered in entry order) with the compacted layout: same values, no work or
-        memory traffic for free slots.  Half-precision inputs under autocast are float32."""
+        memory traffic for free slots.  Under autocast, in the autocast dtype; the gates
+        (float32 even in a 16-bit layer) are rounded to the weight's dtype."""
         z = self.gate_values()
         if self._all_live:
-            return autocast_to_float32(self.gated_weight(z)), self.kernel_layout
+            return autocast_input(self.gated_weight(z)), self.kernel_layout
         slots = self.kernel_slots
         w = self.weight.index_select(0, slots)
-        w = w * z.index_select(0, slots).view(-1, *([1] * (w.dim() - 1)))
-        return autocast_to_float32(w), self.kernel_layout
+        w = w * z.index_select(0, slots).to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+        return autocast_input(w), self.kernel_layout
 
     def gated_weight(self, z: torch.Tensor | None = None) -> torch.Tensor:
         """``weight * z`` broadcast over the block dims: ``(capacity, ...)``; ``z`` ``(capacity,)``
         defaults to :meth:`gate_values`."""
         if z is None:
             z = self.gate_values()
-        return self.weight * z.view(-1, *([1] * (self.weight.dim() - 1)))
+        return self.weight * z.to(self.weight.dtype).view(-1, *([1] * (self.weight.dim() - 1)))
 
     # -------------------------------------------------- gradient capture
     def _arm_capture(self, enabled: bool) -> None:
@@ -186,11 +187,11 @@ class L0BlockSparseLinear(GatedBlockSparse, BlockSparseLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
         w, layout_t = self._kernel_operands()
-        x = autocast_to_float32(x)
+        x = autocast_input(x)
         check_module_input(x, w, self.in_features, -1, "features")
         y = matmul_op(x, w, None, layout_t, self.block_size, self.out_features)
         self._maybe_capture(x, y)
-        return y if self.bias is None else y + autocast_to_float32(self.bias)
+        return y if self.bias is None else y + autocast_input(self.bias)
 
     def block_flops(self) -> int:
         """``B * B`` multiply-adds per sample (per row of x) for one block."""
@@ -269,14 +270,14 @@ class L0BlockSparseConv2d(GatedBlockSparse, _BlockSparseConv2d):
         if unbatched_image(x):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         w, layout_t = self._kernel_operands()
-        x = autocast_to_float32(x)
+        x = autocast_input(x)
         check_image_batch(x)
         check_module_input(x, w, self.in_channels, 1, "channels")
         geometry = conv_geometry(tuple(x.shape[2:]), self.kernel_size, self.stride, self.padding, self.dilation)
         y = conv2d_op(x, w, layout_t, self.block_size, self.out_channels, geometry)
         self._out_positions = geometry.output_size[0] * geometry.output_size[1]
         self._maybe_capture(x, y)
-        return y if self.bias is None else y + autocast_to_float32(self.bias).view(1, -1, 1, 1)
+        return y if self.bias is None else y + autocast_input(self.bias).view(1, -1, 1, 1)
 
     def block_flops(self) -> int:
         """``B * B * kh * kw * H_out * W_out`` multiply-adds per sample for one block

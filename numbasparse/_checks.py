@@ -8,7 +8,8 @@ import torch
 from .layout import BlockLayout
 
 SUPPORTED_BLOCK_SIZES = (8, 16, 32)
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DTYPE_NAMES = "float32, float64, float16 and bfloat16"
 
 
 def as_layout(layout) -> BlockLayout:
@@ -40,7 +41,7 @@ def check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float32 and float64")
+        raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are {DTYPE_NAMES}")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
@@ -68,11 +69,14 @@ def check_features(name: str, size: int, blocks: int, block_size: int, what: str
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def autocast_to_float32(t: torch.Tensor) -> torch.Tensor:
-    """Under autocast for ``t``'s device a half-precision ``t`` as float32 (the rule the
-    ops are registered with: the kernels compute in float32), else ``t``."""
-    if t.dtype in LOW_PRECISION and torch.is_autocast_enabled(t.device.type):
-        return t.float()
+def autocast_input(t):
+    """``t`` as the operators' autocast rule casts it (the rule of ``nn.Linear``):
+    under autocast for ``t``'s device, a float32 or 16-bit ``t`` in the autocast dtype;
+    float64 and anything else unchanged.  Modules cast before checking that input and
+    weight agree."""
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, *LOW_PRECISION) \
+            and torch.amp.is_autocast_available(t.device.type) and torch.is_autocast_enabled(t.device.type):
+        return t.to(torch.get_autocast_dtype(t.device.type))
     return t
 
 

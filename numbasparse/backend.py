@@ -39,7 +39,8 @@ from .layout import BlockLayout
 __all__ = ["forward", "backward", "backward_data", "backward_weight", "simulate_cuda", "cuda_usable"]
 
 _simulating = False
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
 
 
 @contextlib.contextmanager
@@ -72,8 +73,17 @@ def cuda_usable() -> bool:
         return False
 
 
-def _kernels(module: str, device: torch.device):
-    """The kernel module (``matmul``, ``conv``...) for tensors on ``device``."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_cuda_dtype(dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16:
+        raise TypeError("bfloat16 tensors are not supported by the numba.cuda kernels (float16 is): use "
+                        "torch.autocast('cuda', dtype=torch.float16) or .half() on CUDA")
+
+
+def _kernels(module: str, device: torch.device, dtype: torch.dtype | None = None):
+    """The kernel module (``matmul``, ``conv``...) for tensors of ``dtype`` on ``device``."""
     if device.type == "cpu":
         target = "cuda" if _simulating else "cpu"
     elif device.type == "cuda":
@@ -85,6 +95,8 @@ def _kernels(module: str, device: torch.device):
         target = "cuda"
     else:
         raise ValueError(f"unsupported device {device}: numbasparse runs on 'cpu' and 'cuda' tensors")
+    if target == "cuda":
+        _check_cuda_dtype(dtype)
     return importlib.import_module(f"numbasparse.kernels.{target}.{module}"), target
 
 
@@ -140,7 +152,7 @@ def _forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: 
         return y
     if bias is not None:
         return _forward(x, w, layout, block_size).add_(bias)
-    kernels, target = _kernels("matmul", x.device)
+    kernels, target = _kernels("matmul", x.device, x.dtype)
     with _Launch(target, x.device) as launch:
         kernels._forward(launch.array(x), launch.array(w),
                          *launch.tables(layout, "col_ptr", "col_rows", "col_slots"),
@@ -161,7 +173,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None, 
         cpu_matmul._layout_backward(x, dy, w, layout, block_size, dx, dw, _DTYPE_NAMES[dy.dtype],
                                    dy.element_size())
         return dx, dw
-    kernels, target = _kernels("matmul", dy.device)
+    kernels, target = _kernels("matmul", dy.device, dy.dtype)
     with _Launch(target, dy.device) as launch:
         if need_dx:
             kernels._backward_data(launch.array(dy), launch.array(w),
@@ -258,19 +270,23 @@ def _stream_kw(target, launch):
 
 
 # ---------------------------------------------------------------------- conv
-def _conv_kernel(name: str, device: torch.device):
-    """``(kernel function, target)`` for tensors on ``device``.  On CUDA targets the
+def _conv_kernel(name: str, device: torch.device, dtype: torch.dtype):
+    """``(kernel function, target)`` for tensors of ``dtype`` on ``device``.  On CUDA targets the
     unchecked launcher: the tables are a BlockLayout's (valid by construction) and
     :func:`~numbasparse.conv.block_sparse_conv2d` checked the tensors against it; the checked wrapper
     would copy the device tables to the host on every call.  The CPU conv functions
     check their arguments themselves (cheap next to a convolution)."""
-    kernels, target = _kernels("conv", device)
+    kernels, target = _kernels("conv", device, dtype)
     return getattr(kernels, "_" + name if target == "cuda" else name), target
 
 
 def _conv_forward(x, w, layout, block_size, stride, padding, dilation):
-    """y (N, K, Ho, Wo) from the kernels; ``padding = (top, left, bottom, right)``."""
-    kernel, target = _conv_kernel("forward", x.device)
+    """y (N, K, Ho, Wo) from the kernels; ``padding = (top, left, bottom, right)``.
+    On CPU, 16-bit tensors are widened to float32 for the kernels and the result is
+    rounded back (the CPU conv kernels compute in float32 or float64 only)."""
+    kernel, target = _conv_kernel("forward", x.device, x.dtype)
+    if target == "cpu" and x.dtype in _HALF:
+        return _conv_forward(x.float(), w.float(), layout, block_size, stride, padding, dilation).to(x.dtype)
     size = conv_output_size(tuple(x.shape[2:]), tuple(w.shape[1:3]), stride, padding, dilation)
     y = torch.empty((x.shape[0], layout.out_blocks * block_size, *size), dtype=x.dtype, device=x.device)
     with _Launch(target, x.device) as launch:
@@ -280,7 +296,10 @@ def _conv_forward(x, w, layout, block_size, stride, padding, dilation):
 
 
 def _conv_backward_data(dy, w, layout, block_size, stride, padding, dilation, input_size):
-    kernel, target = _conv_kernel("backward_data", dy.device)
+    kernel, target = _conv_kernel("backward_data", dy.device, dy.dtype)
+    if target == "cpu" and dy.dtype in _HALF:
+        return _conv_backward_data(dy.float(), w.float(), layout, block_size, stride, padding, dilation,
+                                   input_size).to(dy.dtype)
     dx = torch.empty((dy.shape[0], layout.in_blocks * block_size, *input_size), dtype=dy.dtype, device=dy.device)
     with _Launch(target, dy.device) as launch:
         kernel(launch.array(dy), launch.array(w), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),
@@ -289,7 +308,10 @@ def _conv_backward_data(dy, w, layout, block_size, stride, padding, dilation, in
 
 
 def _conv_backward_weight(x, dy, w_shape, layout, block_size, stride, padding, dilation):
-    kernel, target = _conv_kernel("backward_weight", x.device)
+    kernel, target = _conv_kernel("backward_weight", x.device, x.dtype)
+    if target == "cpu" and x.dtype in _HALF:
+        return _conv_backward_weight(x.float(), dy.float(), w_shape, layout, block_size, stride, padding,
+                                     dilation).to(x.dtype)
     dw = torch.zeros(w_shape, dtype=x.dtype, device=x.device)
     with _Launch(target, x.device) as launch:
         kernel(launch.array(x), launch.array(dy), *launch.tables(layout, "row_ptr", "row_cols", "row_slots"),

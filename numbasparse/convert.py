@@ -198,7 +198,7 @@ def _why_not(module, base, block_size: int, owners: dict) -> str | None:
             return f"its {pname} is shared with {', '.join(others)} (tied weights)"
     weight = module.weight
     if weight.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {weight.dtype}: block-sparse layers hold float32 or float64"
+        return f"dtype {weight.dtype}: block-sparse layers hold float32, float64, float16 or bfloat16"
     if weight.is_meta:
         return "its weight is on the meta device (no values to rank the blocks by)"
     if base is nn.Conv2d:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import layouts
-from ._checks import as_layout, autocast_to_float32, check_block_size, check_module_input
+from ._checks import as_layout, autocast_input, check_block_size, check_module_input
 from .functional import block_sparse_matmul, matmul_op
 from .layout import BlockLayout
 from .storage import BlockStorage
@@ -106,8 +106,8 @@ class BlockSparseLinear(BlockStorage, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
-        x, w = autocast_to_float32(x), autocast_to_float32(self.weight)
-        bias = None if self.bias is None else autocast_to_float32(self.bias)
+        x, w = autocast_input(x), autocast_input(self.weight)
+        bias = None if self.bias is None else autocast_input(self.bias)
         check_module_input(x, w, self.in_features, -1, "features")
         return matmul_op(x, w, bias, self.kernel_layout, self.block_size, self.out_features)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import layouts
-from ._checks import (as_layout, autocast_to_float32, check_block_size, check_image_batch, check_module_input,
+from ._checks import (as_layout, autocast_input, check_block_size, check_image_batch, check_module_input,
                       unbatched_image)
 from .conv import conv2d_op, conv_blocks_from_dense, conv_geometry, dense_conv_weight
 from .storage import BlockStorage
@@ -105,12 +105,12 @@ class BlockSparseConv2d(BlockStorage, nn.Module):
         if unbatched_image(x):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         y = self._conv(x, self.weight)
-        return y if self.bias is None else y + autocast_to_float32(self.bias).view(1, -1, 1, 1)
+        return y if self.bias is None else y + autocast_input(self.bias).view(1, -1, 1, 1)
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The block-sparse convolution of ``x`` with blocks ``w`` (``weight``'s shape)
         and this layer's geometry, through the conv2d operator."""
-        x, w = autocast_to_float32(x), autocast_to_float32(w)
+        x, w = autocast_input(x), autocast_input(w)
         check_image_batch(x)
         check_module_input(x, w, self.in_channels, 1, "channels")
         geometry = conv_geometry(tuple(x.shape[2:]), self.kernel_size, self.stride, self.padding, self.dilation)

@@ -6,7 +6,7 @@ autograd formula, autocast rules and vmap rules, so that ``torch.compile`` (with
 built-in operators: dynamo never traces numba or numpy code.  The layout travels as
 an int32 tensor (:mod:`numbasparse.layout_tensor`).
 
-Operators (x, w, dy: float32 / float64, contiguous; ``layout``: a layout tensor):
+Operators (x, w, dy: float32 / float64 / float16 / bfloat16, one dtype, contiguous; ``layout``: a layout tensor):
 
 * ``matmul(x (N, C), w (capacity, B, B), bias (K,)?, layout, block_size, out_features)
   -> y (N, K)``
@@ -131,11 +131,35 @@ torch.library.register_autograd("numbasparse::conv2d", _conv2d_grad, setup_conte
 
 
 # ------------------------------------------------------------------ autocast
-# The kernels compute in float32 or float64: under autocast the floating inputs are
-# cast to float32 (as for an op autocast keeps in full precision).
+# As for nn.Linear / nn.Conv2d: under autocast, float32 and 16-bit inputs are cast to
+# the autocast dtype of the call (float64 ones stay), the kernels compute in it (with
+# float32 accumulation) and return it; the casts' own backward brings the gradients
+# of float32 parameters back to float32.  torch.library.register_autocast casts to
+# one fixed dtype, hence this rule, which reads the dtype at each call.
+def _autocast_arg(value, device_type, dtype):
+    if isinstance(value, torch.Tensor) and value.device.type == device_type \
+            and value.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return value.to(dtype)
+    return value
+
+
+def _register_autocast(name: str, device_type: str) -> None:
+    op = getattr(torch.ops.numbasparse, name).default
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def rule(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*(_autocast_arg(a, device_type, dtype) for a in args))
+
+    op.py_impl(key)(rule)
+    _lib.impl(name, lambda _keyset, *args: rule(*args), key_name, with_keyset=True)
+
+
 for _name in ("matmul", "conv2d"):
     for _device in ("cpu", "cuda"):
-        torch.library.register_autocast(f"numbasparse::{_name}", _device, torch.float32)
+        _register_autocast(_name, _device)
 
 
 # ------------------------------------------------------------------ vmap

@@ -199,8 +199,8 @@ def test_argument_validation():
     with pytest.raises(ValueError):
         mm.forward(x, w, layout.col_ptr, layout.col_rows, layout.col_slots, B, y[:, :B])
     with pytest.raises(TypeError):
-        mm.forward(x.astype(np.float16), w.astype(np.float16), layout.col_ptr, layout.col_rows,
-                   layout.col_slots, B, y.astype(np.float16))
+        mm.forward(x.astype(np.int32), w.astype(np.int32), layout.col_ptr, layout.col_rows,
+                   layout.col_slots, B, y.astype(np.int32))
 
 
 # ------------------------------------------------------------------ real GPU tests

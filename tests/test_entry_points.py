@@ -78,8 +78,8 @@ BAD_BACKEND_ARGS = [
      ValueError, r"dy must be 2-D \(N, features\), got shape \(24,\)"),
     ("row mismatch", dict(x=_x(n=4)), ("backward", "backward_weight"),
      ValueError, r"row mismatch: x has 4 rows, dy has 3"),
-    ("x float16", dict(x=_x().half()), ("forward", "backward", "backward_weight"),
-     TypeError, r"x has dtype torch.float16; supported dtypes are float32 and float64"),
+    ("x int32", dict(x=_x().int()), ("forward", "backward", "backward_weight"),
+     TypeError, r"x has dtype torch.int32; supported dtypes are float32, float64, float16 and bfloat16"),
     ("w float64", dict(w=_w(dtype=torch.float64)), ("forward", "backward", "backward_data"),
      TypeError, r"has dtype torch.float32 but w has dtype torch.float64: use one dtype"),
     ("x on meta", dict(x=torch.empty((3, 2 * B), device="meta")), ("forward", "backward", "backward_weight"),
@@ -266,8 +266,8 @@ def test_cuda_matmul_rejects_bad_shapes():
     raises(ValueError, r"row mismatch: x has 5 rows, dy has 2", mm.backward_weight, x, dy[:2], *ent, B, dw)
     raises(ValueError, r"entry_cols must lie in \[0, 2\)", mm.backward_weight, x, dy[:, :2 * B].copy(), *ent, B, dw)
     raises(TypeError, r"dtype mismatch: x=float64, w=float32", mm.forward, x, w.astype(np.float32), *col, B, y)
-    raises(TypeError, r"only float32 and float64 are supported, got float16", mm.forward, x.astype(np.float16),
-           w.astype(np.float16), *col, B, y.astype(np.float16))
+    raises(TypeError, r"only float32, float64 and float16 are supported, got int32", mm.forward, x.astype(np.int32),
+           w.astype(np.int32), *col, B, y.astype(np.int32))
     raises(ValueError, r"block_size must be one of \(8, 16, 32\), got 4", mm.forward, x, w, *col, 4, y)
     raises(TypeError, r"must be a numpy array or a CUDA array, got list", mm.forward, x, w, col[0], [0, 1, 0, 1],
            col[2], B, y)

@@ -147,7 +147,7 @@ class Mixed(nn.Module):
         self.tied.weight = self.embed.weight
         self.pruned = nn.Linear(8, 8, dtype=torch.float64)
         prune.l1_unstructured(self.pruned, "weight", amount=0.5)
-        self.fp16 = nn.Linear(8, 8, dtype=torch.float16)
+        self.complex = nn.Linear(8, 8, dtype=torch.complex64)
         self.already = BlockSparseLinear(8, 8, layouts.dense(1), block_size=B, dtype=torch.float64)
 
 
@@ -170,7 +170,7 @@ def test_unconvertible_layers_are_left_and_reported():
         "tied": "its weight is shared with embed.weight (tied weights)",
         "pruned": ("it has forward pre-hooks the block-sparse layer would not keep "
                    "(weight_norm, spectral_norm and torch.nn.utils.prune work through them)"),
-        "fp16": "dtype torch.float16: block-sparse layers hold float32 or float64",
+        "complex": "dtype torch.complex64: block-sparse layers hold float32, float64, float16 or bfloat16",
     }
     assert [row.name for row in report.converted] == ["ok"]
     for name in reasons:

@@ -3,6 +3,8 @@ graph breaks), layout changes between compiled calls, torch.export, autocast and
 torch.func over the operators registered as ``torch.ops.numbasparse.*``."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -145,21 +147,38 @@ def test_export_and_run_the_exported_program():
     torch.testing.assert_close(dynamic.module()(x5), net(x5))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", KINDS)
-def test_autocast_runs_the_kernels_in_float32(kind):
-    layer = _layer(kind).eval()
+def test_autocast_computes_in_the_autocast_dtype_as_nn_linear_does(kind, dtype):
+    layer = _layer(kind).train()
     x = _input(kind)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y = layer(x)
-        y_half_input = layer(x.bfloat16())
-    assert y.dtype == torch.float32 and y_half_input.dtype == torch.float32
-    torch.testing.assert_close(y, layer(x))
-    torch.testing.assert_close(y_half_input, layer(x.bfloat16().float()))
-    with torch.autocast("cpu", dtype=torch.bfloat16):   # the operator itself carries the rule
-        w = layer.weight.bfloat16() if kind == "linear" else None
-        if w is not None:
-            out = torch.ops.numbasparse.matmul(x.bfloat16(), w, None, layer.kernel_layout, B, 4 * B)
-            assert out.dtype == torch.float32
+        y_half_input = layer(x.to(dtype))
+    assert y.dtype == dtype and y_half_input.dtype == dtype
+    reference = copy.deepcopy(layer).eval().to(dtype)   # the same computation, in 16-bit modules
+    layer.eval()
+    with torch.autocast("cpu", dtype=dtype):
+        y_eval = layer(x)
+    # gated layers round w * z once under autocast, and w then w * z in a 16-bit module
+    tolerance = {} if not kind.startswith("l0") else dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 \
+        else dict(rtol=4e-3, atol=4e-3)
+    torch.testing.assert_close(y_eval, reference(x.to(dtype)), **tolerance)
+    y.float().square().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32   # the cast's backward: float32 gradients
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
+def test_autocast_rule_is_on_the_operator_and_leaves_float64_alone():
+    layer = _layer("linear")
+    x = _input("linear")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.ops.numbasparse.matmul(x, layer.weight, layer.bias, layer.kernel_layout, B, 4 * B)
+        wide = torch.ops.numbasparse.matmul(x.double(), layer.weight.double(), None, layer.kernel_layout, B, 4 * B)
+    assert out.dtype == torch.bfloat16 and wide.dtype == torch.float64
+    expected = torch.ops.numbasparse.matmul(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16(),
+                                            layer.kernel_layout, B, 4 * B)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_torch_func_grad_and_vmap_over_the_functional_api():

@@ -4,7 +4,10 @@
 Shapes: ``x (N, C)``, ``dy``/``y (N, K)``, ``w (capacity, B, B)`` with
 ``C = in_blocks*B`` and ``K = out_blocks*B``; block ``w[s]`` of live entry ``(i, j)``
 maps ``x[:, iB:(i+1)B]`` into ``y[:, jB:(j+1)B]``.  All arrays C-contiguous and of one
-dtype (float32 or float64); index tables int32.
+dtype (float32, float64, or float16 - and bfloat16 for torch tensors through
+:mod:`numbasparse.backend`, numpy having no such dtype); index tables int32.  The
+16-bit formats are computed in float32 (widened on load, rounded to nearest even on
+store, accumulated in float32 registers).
 
 The public functions take numpy arrays and check everything (shapes, dtypes, table
 ranges) before a kernel runs: a bad argument raises, it never reaches compiled code.
@@ -22,14 +25,14 @@ from . import runtime
 from .args import make_block, pair
 from .matmul_backward import backward_program
 from .matmul_forward import forward_program
-from .panels import DIRECT_ROWS, MAX_CHUNK, row_multiple
+from .panels import DIRECT_ROWS, MAX_CHUNK, accumulator_type, row_multiple
 from .notice import compiling
 from .packed_weights import column_ordered
 
 __all__ = ["forward", "backward_data", "backward_weight", "BLOCK_SIZES"]
 
 BLOCK_SIZES = (8, 16, 32)
-_DTYPES = ("float32", "float64")
+_DTYPES = ("float32", "float64", "float16")
 
 # ------------------------------------------------------------------ scratch
 _local = threading.local()
@@ -68,10 +71,14 @@ def _table_pairs(layout, names) -> list:
 def _chunking(n_rows: int, dtype_name: str) -> tuple:
     """``(rows per chunk, chunks)``: chunks of at most MAX_CHUNK rows, as equal as the
     tile height allows."""
-    multiple = row_multiple(dtype_name)
+    multiple = row_multiple(accumulator_type(dtype_name))
     n_chunks = -(-n_rows // MAX_CHUNK)
     per_chunk = -(-n_rows // n_chunks)
     return -(-per_chunk // multiple) * multiple, n_chunks
+
+
+def _panel_dtype(dtype_name: str) -> str:
+    return np.dtype(accumulator_type(dtype_name)).name
 
 
 _programs: dict = {}
@@ -106,11 +113,12 @@ def _run_forward(x, w, tables, nnz, B, y, dtype_name, itemsize, bias=None):
         return
     live = nnz * B * B
     threads = runtime.threads_for(2.0 * n * live, live * itemsize)
-    none = _scratch("none", 1, dtype_name)
+    none = _scratch("none", 1, "float64")
     if n >= DIRECT_ROWS:
         ncp, n_chunks = _chunking(n, dtype_name)
-        xp = _scratch("xp", n_chunks * ncp * c, dtype_name)
-        tiles = _scratch("tiles", threads * ncp * B, dtype_name)
+        panels = _panel_dtype(dtype_name)
+        xp = _scratch("xp", n_chunks * ncp * c, panels)
+        tiles = _scratch("tiles", threads * ncp * B, panels)
     else:
         ncp = n_chunks = 0
         xp = tiles = none
@@ -132,13 +140,14 @@ def _run_backward(x, dy, w, row_tables, entry_tables, nnz, B, dx, dw, dtype_name
     c = dx.shape[1] if want_dx else x.shape[1]
     live = nnz * B * B * (int(want_dx) + int(want_dw))
     threads = runtime.threads_for(2.0 * n * live, live * itemsize)
-    none = _scratch("none", 1, dtype_name)
+    none = _scratch("none", 1, "float64")
     if n >= DIRECT_ROWS:
         ncp, n_chunks = _chunking(n, dtype_name)
-        xp = _scratch("xp", n_chunks * ncp * c, dtype_name) if want_dw else none
-        dyp = _scratch("dyp", n_chunks * ncp * k, dtype_name) if want_dw else none
-        dyt = _scratch("dyt", n_chunks * ncp * k, dtype_name) if want_dx else none
-        tiles = _scratch("tiles", threads * ncp * B, dtype_name) if want_dx else none
+        panels = _panel_dtype(dtype_name)
+        xp = _scratch("xp", n_chunks * ncp * c, panels) if want_dw else none
+        dyp = _scratch("dyp", n_chunks * ncp * k, panels) if want_dw else none
+        dyt = _scratch("dyt", n_chunks * ncp * k, panels) if want_dx else none
+        tiles = _scratch("tiles", threads * ncp * B, panels) if want_dx else none
     else:
         ncp = n_chunks = 0
         xp = dyp = dyt = tiles = none
@@ -218,7 +227,7 @@ def _check_operands(block_size, arrays):
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
         if a.dtype.name not in _DTYPES:
-            raise TypeError(f"{name} has dtype {a.dtype}; supported dtypes are float32 and float64")
+            raise TypeError(f"{name} has dtype {a.dtype}; supported dtypes are float32, float64 and float16")
         if dtype_name is None:
             dtype_name = a.dtype.name
         elif a.dtype.name != dtype_name:

@@ -27,8 +27,8 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from .args import JOINED, NEXT_TASK, PACKED, array_arg, scalar_arg
-from .panels import GROUP, geometry, pack_rows, pack_transposed, prefetch_part, unpack_transposed, zero_rows
-from .simd import atomic_load, fetch_add, vadd, vfma, vload, vstore, vsum, vzero
+from .panels import accumulator_type, GROUP, geometry, pack_rows, pack_transposed, prefetch_part, unpack_transposed, zero_rows
+from .simd import storage_type, sstore, atomic_load, fetch_add, vadd, vfma, vload, vstore, vsum, vzero
 from .tiles import (load_8x2, mma_1x1, mma_1x2, mma_8x1, mma_8x2, mma_16x1, store_8x1, store_8x2, store_16x1,
                     zero_8x1, zero_8x2, zero_16x1)
 
@@ -43,12 +43,13 @@ def backward_program(dtype_name: str, B: int, packed: bool):
     entry_slots, dx, dw, xp, dyp, dyt, tiles.  Scalars: N, C, K, NCp, n_chunks,
     threads, want_dx, want_dw.
     """
-    DT = np.dtype(dtype_name).type
-    L, NV, VL = geometry(dtype_name, B)
+    DT = storage_type(dtype_name)                 # element type of the operands
+    AT = accumulator_type(dtype_name)            # of registers, packed panels, tiles
+    L, NV, VL = geometry(AT, B)
     BB = B * B
     HALVES = max(1, NV // 2)
     WIDE = NV == 1 and B >= 16     # one-vector rows, 16 of them: 16x1 weight-gradient tiles
-    LINE = 64 // np.dtype(dtype_name).itemsize
+    LINE = 64 // np.dtype(DT).itemsize
     NA = 15
 
     if packed:
@@ -66,10 +67,10 @@ def backward_program(dtype_name: str, B: int, packed: bool):
             entry_slots = array_arg(block, 8, np.int32)
             dx = array_arg(block, 9, DT)
             dw = array_arg(block, 10, DT)
-            xp = array_arg(block, 11, DT)
-            dyp = array_arg(block, 12, DT)
-            dyt = array_arg(block, 13, DT)
-            tiles = array_arg(block, 14, DT)
+            xp = array_arg(block, 11, AT)
+            dyp = array_arg(block, 12, AT)
+            dyt = array_arg(block, 13, AT)
+            tiles = array_arg(block, 14, AT)
             N = scalar_arg(block, NA, 0)
             C = scalar_arg(block, NA, 1)
             K = scalar_arg(block, NA, 2)
@@ -95,13 +96,13 @@ def backward_program(dtype_name: str, B: int, packed: bool):
             while t < n_tasks:
                 if t < n_pack:
                     if t < n_xp:
-                        pack_rows(x, xp, t // nbi, t % nbi, N, C, NCp, B, L, NV, DT(0))
+                        pack_rows(x, xp, t // nbi, t % nbi, N, C, NCp, B, L, NV, AT(0))
                     elif t < n_xp + n_dyp:
                         u = t - n_xp
-                        pack_rows(dy, dyp, u // nbo, u % nbo, N, K, NCp, B, L, NV, DT(0))
+                        pack_rows(dy, dyp, u // nbo, u % nbo, N, K, NCp, B, L, NV, AT(0))
                     else:
                         u = t - n_xp - n_dyp
-                        pack_transposed(dy, dyt, u // nbo, u % nbo, N, K, NCp, B, 2 * VL, VL, DT(0))
+                        pack_transposed(dy, dyt, u // nbo, u % nbo, N, K, NCp, B, 2 * VL, VL, AT(0))
                     fetch_add(block, PACKED, 1)
                 else:
                     while atomic_load(block, PACKED) < n_pack:
@@ -115,7 +116,7 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                         e_beg = row_ptr[i]
                         e_end = row_ptr[i + 1]
                         if e_beg == e_end:
-                            zero_rows(dx, n0 * C + i * B, C, valid, B, L, NV, DT(0))
+                            zero_rows(dx, n0 * C + i * B, C, valid, B, L, NV, AT(0))
                         else:
                             RV = 2 * VL
                             e0 = e_beg
@@ -127,7 +128,7 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                                     for kk in range(0, B, 8):
                                         t0 = (q * B + kk) * RV
                                         if e0 == e_beg:
-                                            acc = zero_8x2(DT(0), VL)
+                                            acc = zero_8x2(AT(0), VL)
                                         else:
                                             acc = load_8x2(tile, t0, RV, VL)
                                         for e in range(e0, e1):
@@ -145,13 +146,13 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                         j = entry_cols[e]
                         out = entry_slots[e] * BB
                         if WIDE:
-                            acc16 = zero_16x1(DT(0), L)
+                            acc16 = zero_16x1(AT(0), L)
                             for ch in range(n_chunks):
                                 acc16 = mma_16x1(acc16, xp, (ch * nbi + i) * NCp * B, 1, B,
                                                  dyp, (ch * nbo + j) * NCp * B, B, NCp, L)
                             store_16x1(acc16, dw, out, B, L)
                         elif NV == 1:
-                            acc8 = zero_8x1(DT(0), L)
+                            acc8 = zero_8x1(AT(0), L)
                             for ch in range(n_chunks):
                                 acc8 = mma_8x1(acc8, xp, (ch * nbi + i) * NCp * B, 1, B,
                                                dyp, (ch * nbo + j) * NCp * B, B, NCp, L)
@@ -160,7 +161,7 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                             for kk in range(0, B, 8):
                                 for half in range(HALVES):
                                     coff = half * 2 * L
-                                    acc = zero_8x2(DT(0), L)
+                                    acc = zero_8x2(AT(0), L)
                                     for ch in range(n_chunks):
                                         acc = mma_8x2(acc, xp, (ch * nbi + i) * NCp * B + kk, 1, B,
                                                       dyp, (ch * nbo + j) * NCp * B + coff, B, NCp, L)
@@ -195,13 +196,13 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                     i = t
                     for n in range(N):
                         for kk in range(B):
-                            acc = vzero(DT(0), L)
+                            acc = vzero(AT(0), L)
                             for e in range(row_ptr[i], row_ptr[i + 1]):
                                 wrow = row_slots[e] * BB + kk * B
                                 drow = n * K + row_cols[e] * B
                                 for v in range(NV):
                                     acc = vfma(vload(w, wrow + v * L, L), vload(dy, drow + v * L, L), acc)
-                            dx[n * C + i * B + kk] = vsum(acc)
+                            sstore(dx, n * C + i * B + kk, vsum(acc))
                 else:
                     e = t - n_dx
                     i0 = entry_rows[e] * B
@@ -210,7 +211,7 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                     for kk in range(B):
                         for half in range(HALVES):
                             coff = half * 2 * L
-                            c0 = vzero(DT(0), L)
+                            c0 = vzero(AT(0), L)
                             if NV == 1:
                                 c0, c1 = mma_1x1(c0, c0, x, i0 + kk, C, dy, j0, K, N, L)
                                 vstore(dw, out + kk * B, vadd(c0, c1))

@@ -28,8 +28,8 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from .args import JOINED, NEXT_TASK, PACKED, array_arg, scalar_arg
-from .panels import GROUP, PREFETCH_BLOCKS, copy_rows, fill_rows, geometry, pack_rows, prefetch_part
-from .simd import atomic_load, fetch_add, prefetch, vadd, vload, vstore, vzero
+from .panels import accumulator_type, GROUP, PREFETCH_BLOCKS, copy_rows, fill_rows, geometry, pack_rows, prefetch_part
+from .simd import storage_type, atomic_load, fetch_add, prefetch, vadd, vload, vstore, vzero
 from .tiles import (load_8x2, load_16x1, mma_1x1, mma_1x2, mma_8x2, mma_16x1, rows_8x2, rows_16x1, store_8x2,
                     store_16x1, zero_8x2, zero_16x1)
 
@@ -42,12 +42,13 @@ def forward_program(dtype_name: str, B: int, packed: bool):
     tiles, bias (length K, or anything when has_bias is 0).
     Scalars: N, C, K, NCp, n_chunks, threads, has_bias, run (direct program: output
     block columns a thread takes at a time, so each streams a long run of weights)."""
-    DT = np.dtype(dtype_name).type
-    L, NV, _ = geometry(dtype_name, B)
+    DT = storage_type(dtype_name)                 # element type of the operands
+    AT = accumulator_type(dtype_name)            # of registers, packed panels, tiles
+    L, NV, _ = geometry(AT, B)
     BB = B * B
     HALVES = max(1, NV // 2)      # column groups of two vectors (NV = 4 has two)
     MR = 16 if NV == 1 else 8     # rows per register tile
-    LINE = 64 // np.dtype(dtype_name).itemsize
+    LINE = 64 // np.dtype(DT).itemsize
     NA = 9
 
     if packed:
@@ -60,8 +61,8 @@ def forward_program(dtype_name: str, B: int, packed: bool):
             rows = array_arg(block, 3, np.int32)
             slots = array_arg(block, 4, np.int32)
             y = array_arg(block, 5, DT)
-            xp = array_arg(block, 6, DT)
-            tiles = array_arg(block, 7, DT)
+            xp = array_arg(block, 6, AT)
+            tiles = array_arg(block, 7, AT)
             bias = array_arg(block, 8, DT)
             N = scalar_arg(block, NA, 0)
             C = scalar_arg(block, NA, 1)
@@ -81,7 +82,7 @@ def forward_program(dtype_name: str, B: int, packed: bool):
             t = fetch_add(block, NEXT_TASK, 1)
             while t < n_tasks:
                 if t < n_pack:
-                    pack_rows(x, xp, t // nbi, t % nbi, N, C, NCp, B, L, NV, DT(0))
+                    pack_rows(x, xp, t // nbi, t % nbi, N, C, NCp, B, L, NV, AT(0))
                     fetch_add(block, PACKED, 1)
                 else:
                     while atomic_load(block, PACKED) < n_pack:
@@ -94,7 +95,7 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                     e_beg = ptr[j]
                     e_end = ptr[j + 1]
                     if e_beg == e_end:
-                        fill_rows(y, n0 * K + j * B, K, valid, B, L, NV, bias, j * B, has_bias, DT(0))
+                        fill_rows(y, n0 * K + j * B, K, valid, B, L, NV, bias, j * B, has_bias, AT(0))
                     else:
                         for half in range(HALVES):
                             coff = half * 2 * L
@@ -111,7 +112,7 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                                         elif has_bias:
                                             acc = rows_16x1(bias, j * B, L)
                                         else:
-                                            acc = zero_16x1(DT(0), L)
+                                            acc = zero_16x1(AT(0), L)
                                         for e in range(e0, e1):
                                             acc = mma_16x1(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
                                                            w, slots[e] * BB, B, B, L)
@@ -125,7 +126,7 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                                         elif has_bias:
                                             acc = rows_8x2(bias, j * B + coff, L)
                                         else:
-                                            acc = zero_8x2(DT(0), L)
+                                            acc = zero_8x2(AT(0), L)
                                         for e in range(e0, e1):
                                             acc = mma_8x2(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
                                                           w, slots[e] * BB + coff, B, B, L)
@@ -161,7 +162,7 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                     for n in range(N):
                         for half in range(HALVES):
                             coff = half * 2 * L
-                            c0 = vzero(DT(0), L)
+                            c0 = vzero(AT(0), L)
                             c1 = c0
                             if has_bias:
                                 c0 = vload(bias, j * B + coff, L)

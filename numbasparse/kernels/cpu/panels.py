@@ -10,7 +10,8 @@ full and padded rows contribute nothing.  Panels, for chunk ``ch`` and block ``b
   sub-panels of ``B x RV`` (``RV`` = two vectors of rows), so a register tile reads
   one contiguous sub-panel (:func:`pack_transposed`, :func:`unpack_transposed`).
 
-Everything here is ``inline="always"``: compile-time constants of the calling
+Panels hold the accumulator type (:func:`accumulator_type`): packing a 16-bit operand
+widens it once, so the register tiles read float32.  Everything here is ``inline="always"``: compile-time constants of the calling
 program (block size, vector lanes) reach the vector code.
 """
 from __future__ import annotations
@@ -19,12 +20,18 @@ import numpy as np
 from numba import njit
 
 from . import VECTOR_BYTES
-from .simd import prefetch, transpose_copy, vload, vstore, vzero
+from .simd import prefetch, sload, sstore, transpose_copy, vload, vstore, vzero
 
 GROUP = 4            # live blocks whose weights a tile sweep keeps in L1
 PREFETCH_BLOCKS = 2  # direct forward: weight blocks requested this far ahead of use
 DIRECT_ROWS = 16     # fewer rows than this: direct (unpacked) programs
 MAX_CHUNK = 256      # rows per packed chunk, at most
+
+
+def accumulator_type(dtype_name: str):
+    """The numpy type a program computes in, and keeps its packed panels and tiles
+    in: float32 for the 16-bit formats (their values widen exactly), else the dtype."""
+    return np.float32 if dtype_name in ("bfloat16", "float16") else np.dtype(dtype_name).type
 
 
 def geometry(dtype, B):
@@ -76,7 +83,7 @@ def pack_transposed(a, at, ch, blk, N, width, NCp, B, RV, VL, zero):
         else:
             for r in range(r0, r0 + VL):
                 for c in range(B):
-                    at[sub + r - r0 + c * RV] = a[(n0 + r) * width + blk * B + c] if r < valid else zero
+                    at[sub + r - r0 + c * RV] = sload(a, (n0 + r) * width + blk * B + c) if r < valid else zero
 
 
 @njit(inline="always", cache=True)
@@ -91,7 +98,7 @@ def unpack_transposed(tile, out, row0, col0, width, first, last, B, RV, VL):
         else:
             for r in range(r0, min(r0 + VL, last)):
                 for c in range(B):
-                    out[(row0 + r) * width + col0 + c] = tile[sub + r - r0 + c * RV]
+                    sstore(out, (row0 + r) * width + col0 + c, tile[sub + r - r0 + c * RV])
 
 
 @njit(inline="always", cache=True)

@@ -19,6 +19,14 @@ module adds a small set of intrinsics, each a few lines of LLVM IR:
 * ``native_lanes(a)``, ``vload_native(a, i)``, ``vfill_native(a, value)``: full-width
   vectors of an array's dtype, for code that is generic over the dtype.
 
+16-bit floats travel as integer arrays, since numba has no CPU float16 or bfloat16
+type: a ``uint16`` array holds bfloat16 bit patterns and an ``int16`` array IEEE
+float16 ones (:data:`BFLOAT16`, :data:`FLOAT16`).  Loads and broadcasts from them
+widen to float32 (bfloat16 is the top half of a float32; float16 converts exactly),
+stores of float32 vectors into them round to nearest even (NaN stays NaN), so the
+arithmetic in between is all float32.  ``sload(a, i)`` / ``sstore(a, i, value)`` are
+the scalar forms, identities for float arrays.
+
 ``lanes`` must be a compile-time constant (a literal, or a constant propagated into
 an ``inline="always"`` function).  None of these check bounds: callers index inside
 arrays they validated.  Indices are used as given (no negative-index wraparound), so
@@ -26,14 +34,83 @@ the address arithmetic stays simple enough for LLVM to fold into the instruction
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["Vector", "vload", "vstore", "vsplat", "vzero", "vfma", "vadd", "vsum", "prefetch",
-           "fetch_add", "atomic_load", "address_as_voidptr", "transpose_copy", "native_lanes", "vload_native",
+__all__ = ["Vector", "BFLOAT16", "FLOAT16", "storage_type", "vload", "vstore", "sload", "sstore", "vsplat", "vzero",
+           "vfma", "vadd", "vsum", "prefetch", "fetch_add", "atomic_load", "address_as_voidptr", "transpose_copy", "native_lanes", "vload_native",
            "vfill_native"]
+
+
+#: numpy storage types of the 16-bit float formats (bit patterns), see the module docstring.
+BFLOAT16 = np.uint16
+FLOAT16 = np.int16
+_STORAGE = {"bfloat16": BFLOAT16, "float16": FLOAT16}
+
+
+def storage_type(dtype_name: str):
+    """The numpy type whose arrays hold ``dtype_name`` values inside the kernels."""
+    return _STORAGE.get(dtype_name) or np.dtype(dtype_name).type
+
+
+def _is_half(dtype) -> bool:
+    return dtype in (types.uint16, types.int16)
+
+
+def _compute(dtype):
+    """The type values of a ``dtype`` array are computed in."""
+    return types.float32 if _is_half(dtype) else dtype
+
+
+def _like(value_type, element):
+    """``element`` as a scalar or a vector shaped like ``value_type``."""
+    return ir.VectorType(element, value_type.count) if isinstance(value_type, ir.VectorType) else element
+
+
+def _constant(value_type, element, value):
+    if isinstance(value_type, ir.VectorType):
+        return ir.Constant(ir.VectorType(element, value_type.count), [value] * value_type.count)
+    return ir.Constant(element, value)
+
+
+def _widen(builder, raw, storage):
+    """float32 values (scalar or vector) of the 16-bit patterns ``raw`` (i16s)."""
+    if storage == types.int16:
+        return builder.fpext(builder.bitcast(raw, _like(raw.type, ir.HalfType())), _like(raw.type, ir.FloatType()))
+    i32 = _like(raw.type, ir.IntType(32))
+    bits = builder.shl(builder.zext(raw, i32), _constant(raw.type, ir.IntType(32), 16))
+    return builder.bitcast(bits, _like(raw.type, ir.FloatType()))
+
+
+def _narrow(builder, value, storage):
+    """The 16-bit patterns (i16s) of float32 ``value``, rounded to nearest even."""
+    i16 = _like(value.type, ir.IntType(16))
+    if storage == types.int16:
+        return builder.bitcast(builder.fptrunc(value, _like(value.type, ir.HalfType())), i16)
+    i32 = ir.IntType(32)
+    bits = builder.bitcast(value, _like(value.type, i32))
+    odd = builder.and_(builder.lshr(bits, _constant(value.type, i32, 16)), _constant(value.type, i32, 1))
+    rounded = builder.add(builder.add(bits, _constant(value.type, i32, 0x7FFF)), odd)
+    top = builder.trunc(builder.lshr(rounded, _constant(value.type, i32, 16)), i16)
+    is_nan = builder.fcmp_unordered("uno", value, value)
+    return builder.select(is_nan, _constant(value.type, ir.IntType(16), 0x7FC0), top)
+
+
+def _load_values(builder, ptr, storage, lanes, align):
+    """``lanes`` values (``None``: one scalar) at element pointer ``ptr``, widened to
+    the compute type."""
+    target = ptr.type.pointee if lanes is None else ir.VectorType(ptr.type.pointee, lanes)
+    raw = builder.load(builder.bitcast(ptr, target.as_pointer()), align=align)
+    return _widen(builder, raw, storage) if _is_half(storage) else raw
+
+
+def _store_values(builder, value, ptr, storage, align):
+    if _is_half(storage):
+        value = _narrow(builder, value, storage)
+    builder.store(value, builder.bitcast(ptr, value.type.as_pointer()), align=align)
 
 
 class Vector(types.Type):
@@ -75,25 +152,53 @@ def vload(typingctx, array, index, lanes):
 
     def codegen(context, builder, sig, args):
         ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        vector_type = context.get_value_type(sig.return_type)
-        return builder.load(builder.bitcast(ptr, vector_type.as_pointer()),
-                            align=context.get_abi_sizeof(ptr.type.pointee))
+        return _load_values(builder, ptr, sig.args[0].dtype, sig.return_type.lanes,
+                            context.get_abi_sizeof(ptr.type.pointee))
 
-    return Vector(array.dtype, _lanes(lanes))(array, index, lanes), codegen
+    return Vector(_compute(array.dtype), _lanes(lanes))(array, index, lanes), codegen
 
 
 @intrinsic
 def vstore(typingctx, array, index, vector):
-    if not isinstance(array, types.Array) or not isinstance(vector, Vector) or vector.dtype != array.dtype:
+    if not isinstance(array, types.Array) or not isinstance(vector, Vector) \
+            or vector.dtype != _compute(array.dtype):
         return None
 
     def codegen(context, builder, sig, args):
         ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        builder.store(args[2], builder.bitcast(ptr, args[2].type.as_pointer()),
-                      align=context.get_abi_sizeof(ptr.type.pointee))
+        _store_values(builder, args[2], ptr, sig.args[0].dtype, context.get_abi_sizeof(ptr.type.pointee))
         return context.get_dummy_value()
 
     return types.none(array, index, vector), codegen
+
+
+@intrinsic
+def sload(typingctx, array, index):
+    """``array[index]`` in the compute type (float32 for 16-bit storage)."""
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        return _load_values(builder, ptr, sig.args[0].dtype, None, context.get_abi_sizeof(ptr.type.pointee))
+
+    return _compute(array.dtype)(array, index), codegen
+
+
+@intrinsic
+def sstore(typingctx, array, index, value):
+    """``array[index] = value``, rounded to the storage format (``value`` of the compute type)."""
+    if not isinstance(array, types.Array) or not isinstance(value, (types.Float, types.Integer)):
+        return None
+    compute = _compute(array.dtype)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        scalar = context.cast(builder, args[2], sig.args[2], compute)
+        _store_values(builder, scalar, ptr, sig.args[0].dtype, context.get_abi_sizeof(ptr.type.pointee))
+        return context.get_dummy_value()
+
+    return types.none(array, index, value), codegen
 
 
 @intrinsic
@@ -103,9 +208,10 @@ def vsplat(typingctx, array, index, lanes):
 
     def codegen(context, builder, sig, args):
         ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        return _splat(builder, builder.load(ptr), context.get_value_type(sig.return_type))
+        scalar = _load_values(builder, ptr, sig.args[0].dtype, None, context.get_abi_sizeof(ptr.type.pointee))
+        return _splat(builder, scalar, context.get_value_type(sig.return_type))
 
-    return Vector(array.dtype, _lanes(lanes))(array, index, lanes), codegen
+    return Vector(_compute(array.dtype), _lanes(lanes))(array, index, lanes), codegen
 
 
 @intrinsic
@@ -248,30 +354,30 @@ def _transpose_vectors(builder, vectors):
 @intrinsic
 def transpose_copy(typingctx, src, s0, s_ld, dst, d0, d_ld, n):
     """``dst[d0 + c*d_ld + r] = src[s0 + r*s_ld + c]`` for ``r, c < n`` (a power of two,
-    compile-time constant): n vector loads, an in-register transpose, n vector stores."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype):
+    compile-time constant): n vector loads, an in-register transpose, n vector stores
+    (either side may be 16-bit storage of the other's float32: converted on the way)."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+            and _compute(src.dtype) == _compute(dst.dtype)):
         return None
     count = _lanes(n)
     if count is None or count < 2 or count & (count - 1):
         return None
 
     def codegen(context, builder, sig, args):
-        element = context.get_value_type(sig.args[0].dtype)
-        vector_ptr = ir.VectorType(element, count).as_pointer()
-        align = context.get_abi_sizeof(element)
-
         def row_pointer(array_type, array, base, base_type, stride, stride_type, r):
             offset = builder.add(context.cast(builder, base, base_type, types.intp),
                                  builder.mul(context.cast(builder, stride, stride_type, types.intp),
                                              ir.Constant(ir.IntType(64), r)))
-            return builder.bitcast(_element_pointer(context, builder, array_type, array, offset, types.intp),
-                                   vector_ptr)
+            return _element_pointer(context, builder, array_type, array, offset, types.intp)
 
-        rows = [builder.load(row_pointer(sig.args[0], args[0], args[1], sig.args[1], args[2], sig.args[2], r),
-                             align=align) for r in range(count)]
+        src_align = context.get_abi_sizeof(context.get_value_type(sig.args[0].dtype))
+        dst_align = context.get_abi_sizeof(context.get_value_type(sig.args[3].dtype))
+        rows = [_load_values(builder, row_pointer(sig.args[0], args[0], args[1], sig.args[1], args[2], sig.args[2], r),
+                             sig.args[0].dtype, count, src_align) for r in range(count)]
         for c, column in enumerate(_transpose_vectors(builder, rows)):
-            builder.store(column, row_pointer(sig.args[3], args[3], args[4], sig.args[4], args[5], sig.args[5], c),
-                          align=align)
+            _store_values(builder, column,
+                          row_pointer(sig.args[3], args[3], args[4], sig.args[4], args[5], sig.args[5], c),
+                          sig.args[3].dtype, dst_align)
         return context.get_dummy_value()
 
     return types.none(src, s0, s_ld, dst, d0, d_ld, n), codegen

@@ -2,7 +2,7 @@
 launchers and the checked public functions) of the kernels in :mod:`.conv_kernels`,
 where their design and thread-to-data mappings are described.
 
-Shapes (one dtype, float32 or float64; block size ``B`` in 8, 16, 32):
+Shapes (one dtype, float32, float64 or float16 (accumulated in float32); block size ``B`` in 8, 16, 32):
 
 * ``x  (N, C, H, W)`` NCHW input, ``C = in_blocks * B``;
 * ``y  (N, K, Ho, Wo)`` NCHW output, ``K = out_blocks * B``;

@@ -2,7 +2,7 @@
 gradient): the kernel factories.  The host side (grids, launches, the checked public
 functions) is :mod:`.conv`.
 
-Shapes (one dtype, float32 or float64; block size ``B`` in 8, 16, 32):
+Shapes (one dtype, float32, float64 or float16 (accumulated in float32); block size ``B`` in 8, 16, 32):
 
 * ``x  (N, C, H, W)`` NCHW input, ``C = in_blocks * B``;
 * ``y  (N, K, Ho, Wo)`` NCHW output, ``K = out_blocks * B``;
@@ -38,6 +38,8 @@ import functools
 import numpy as np
 from numba import cuda
 
+from .host import compute_type
+
 _TX = 8
 _TY = 8
 THREADS = _TX * _TY
@@ -47,7 +49,7 @@ PIXEL_TILE = 32      # output pixels per thread-block (forward / data gradient),
 @functools.lru_cache(maxsize=None)
 def _forward_kernel(B: int, dtype_str: str):
     """``y[n, jB:(j+1)B, tile] = sum over live (i, j, s) and taps of x-gathered @ w[s, tap]``."""
-    DT = np.dtype(dtype_str).type
+    AT = compute_type(dtype_str)
     TP = PIXEL_TILE
     TX = _TX
     NT = THREADS
@@ -88,10 +90,10 @@ def _forward_kernel(B: int, dtype_str: str):
         p0 = (cuda.blockIdx.x - image_tile * tiles) * TP
         j = image_tile // y.shape[0]
         n = image_tile - j * y.shape[0]
-        x_s = cuda.shared.array((TP, BP), DT)
-        w_s = cuda.shared.array((B, BP), DT)
-        acc = cuda.local.array((RP, RC), DT)
-        xv = cuda.local.array(RP, DT)
+        x_s = cuda.shared.array((TP, BP), AT)
+        w_s = cuda.shared.array((B, BP), AT)
+        acc = cuda.local.array((RP, RC), AT)
+        xv = cuda.local.array(RP, AT)
         for a in range(RP):
             for b in range(RC):
                 acc[a, b] = 0
@@ -106,13 +108,13 @@ def _forward_kernel(B: int, dtype_str: str):
                             r = l % TP
                             k = l // TP
                             p = p0 + r
-                            v = DT(0)
+                            v = AT(0)
                             if p < n_pix:
                                 oh = p // out_w
                                 ih = oh * sh - pt + dh * dil_h
                                 iw = (p - oh * out_w) * sw - pl + dw * dil_w
                                 if ih >= 0 and ih < height and iw >= 0 and iw < width:
-                                    v = x[n, c0 + k, ih, iw]
+                                    v = AT(x[n, c0 + k, ih, iw])
                             x_s[r, k] = v
                     for q in range(W_ITEMS):
                         l = t + q * NT
@@ -141,7 +143,7 @@ def _forward_kernel(B: int, dtype_str: str):
 @functools.lru_cache(maxsize=None)
 def _data_kernel(B: int, dtype_str: str):
     """``dx[n, iB:(i+1)B, tile] = sum over live (i, j, s) and taps of dy-gathered @ w[s, tap].T``."""
-    DT = np.dtype(dtype_str).type
+    AT = compute_type(dtype_str)
     TP = PIXEL_TILE
     TX = _TX
     NT = THREADS
@@ -179,10 +181,10 @@ def _data_kernel(B: int, dtype_str: str):
         p0 = (cuda.blockIdx.x - image_tile * tiles) * TP
         i = image_tile // dx.shape[0]
         n = image_tile - i * dx.shape[0]
-        d_s = cuda.shared.array((TP, BP), DT)
-        w_s = cuda.shared.array((B, BP), DT)
-        acc = cuda.local.array((RP, RC), DT)
-        dv = cuda.local.array(RP, DT)
+        d_s = cuda.shared.array((TP, BP), AT)
+        w_s = cuda.shared.array((B, BP), AT)
+        acc = cuda.local.array((RP, RC), AT)
+        dv = cuda.local.array(RP, AT)
         for a in range(RP):
             for b in range(RC):
                 acc[a, b] = 0
@@ -197,7 +199,7 @@ def _data_kernel(B: int, dtype_str: str):
                             r = l % TP
                             c = l // TP
                             p = p0 + r
-                            v = DT(0)
+                            v = AT(0)
                             if p < n_pix:
                                 ih = p // width
                                 num_h = ih + pt - dh * dil_h
@@ -206,7 +208,7 @@ def _data_kernel(B: int, dtype_str: str):
                                     oh = num_h // sh
                                     ow = num_w // sw
                                     if oh < out_h and ow < out_w:
-                                        v = dy[n, c0 + c, oh, ow]
+                                        v = AT(dy[n, c0 + c, oh, ow])
                             d_s[r, c] = v
                     for q in range(W_ITEMS):
                         l = t + q * NT
@@ -235,7 +237,7 @@ def _data_kernel(B: int, dtype_str: str):
 @functools.lru_cache(maxsize=None)
 def _weight_kernel(B: int, dtype_str: str):
     """``dw[s, dh, dw] = sum over images and output pixels of x-shifted^T dy`` per live entry and tap."""
-    DT = np.dtype(dtype_str).type
+    AT = compute_type(dtype_str)
     TP = PIXEL_TILE
     TX = _TX
     TY = _TY
@@ -284,10 +286,10 @@ def _weight_kernel(B: int, dtype_str: str):
         out_w = dy.shape[3]
         n_pix = dy.shape[2] * out_w
         total = n_img * n_pix
-        x_s = cuda.shared.array((TP, BP), DT)
-        d_s = cuda.shared.array((TP, BP), DT)
-        acc = cuda.local.array((RA, RB), DT)
-        xv = cuda.local.array(RA, DT)
+        x_s = cuda.shared.array((TP, BP), AT)
+        d_s = cuda.shared.array((TP, BP), AT)
+        acc = cuda.local.array((RA, RB), AT)
+        xv = cuda.local.array(RA, AT)
         for a in range(RA):
             for b in range(RB):
                 acc[a, b] = 0
@@ -298,18 +300,18 @@ def _weight_kernel(B: int, dtype_str: str):
                     r = l % TP
                     k = l // TP
                     g = g0 + r
-                    xval = DT(0)
-                    dval = DT(0)
+                    xval = AT(0)
+                    dval = AT(0)
                     if g < total:
                         n = g // n_pix
                         p = g - n * n_pix
                         oh = p // out_w
                         ow = p - oh * out_w
-                        dval = dy[n, j0 + k, oh, ow]
+                        dval = AT(dy[n, j0 + k, oh, ow])
                         ih = oh * sh - pt + dh * dil_h
                         iw = ow * sw - pl + dwi * dil_w
                         if ih >= 0 and ih < height and iw >= 0 and iw < width:
-                            xval = x[n, i0 + k, ih, iw]
+                            xval = AT(x[n, i0 + k, ih, iw])
                     x_s[r, k] = xval
                     d_s[r, k] = dval
             cuda.syncthreads()

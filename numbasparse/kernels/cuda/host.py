@@ -19,7 +19,15 @@ from ..checks import check_distinct_slots
 #: Thread-blocks a 1-D grid may hold (``gridDim.x``; ``gridDim.y`` / ``.z`` stop at
 #: 65535, so no kernel here uses them).
 MAX_GRID_X = 2 ** 31 - 1
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+
+def compute_type(dtype_str: str):
+    """The numpy type a kernel accumulates in (and stages through shared memory) for
+    arrays of ``dtype_str``: float32 for float16 (loads widen, stores round), else the
+    dtype itself."""
+    dtype = np.dtype(dtype_str)
+    return np.float32 if dtype == np.float16 else dtype.type
 
 
 # ------------------------------------------------------------------ arrays
@@ -65,7 +73,7 @@ def check_floats(block_size: int, block_sizes, arrays: dict, ranks: dict) -> np.
     dtypes = {name: dtype_of(a) for name, a in arrays.items()}
     dt = next(iter(dtypes.values()))
     if dt not in FLOAT_DTYPES:
-        raise TypeError(f"only float32 and float64 are supported, got {dt}")
+        raise TypeError(f"only float32, float64 and float16 are supported, got {dt}")
     if any(d != dt for d in dtypes.values()):
         raise TypeError("dtype mismatch: " + ", ".join(f"{n}={d}" for n, d in dtypes.items()))
     for name, a in arrays.items():

@@ -1,6 +1,7 @@
 """numba.cuda block-sparse matmul kernels: forward, data gradient and weight gradient.
 
-Block size ``B`` is one of 8, 16, 32; dtypes float32 and float64.  ``x`` is ``(N, C)``
+Block size ``B`` is one of 8, 16, 32; dtypes float32, float64 and float16 (float16
+is staged and accumulated in float32, rounded once when the output is written).  ``x`` is ``(N, C)``
 with ``C = in_blocks * B``; ``w`` is ``(capacity, B, B)``; ``y`` is ``(N, K)`` with
 ``K = out_blocks * B``.  Live entry ``e`` of a :class:`~numbasparse.layout.BlockLayout`
 is block ``(i, j)`` stored in slot ``s``::
@@ -43,7 +44,8 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .host import check_entry_tables, check_floats, check_grouped_tables, dtype_of, flat_grid, host_in, shape_of
+from .host import (check_entry_tables, check_floats, check_grouped_tables, compute_type, dtype_of, flat_grid, host_in,
+                   shape_of)
 
 __all__ = ["forward", "backward_data", "backward_weight", "BLOCK_SIZES", "ROW_TILE", "THREADS"]
 
@@ -67,7 +69,7 @@ def _gather_kernel(B: int, dtype_str: str, transpose: bool):
     ``W_e = w[slots[e]]`` (forward, ``transpose=False``) or ``w[slots[e]].T``
     (backward_data, ``transpose=True``), ``e`` over ``ptr[j]:ptr[j+1]``.
     """
-    DT = np.dtype(dtype_str).type
+    AT = compute_type(dtype_str)
     BP = B + 1                 # padded shared row length: conflict-free column reads / transposed writes
     TN = _TN
     TX = _TX
@@ -108,10 +110,10 @@ def _gather_kernel(B: int, dtype_str: str, transpose: bool):
         tiles = (n_rows + TN - 1) // TN
         j = cuda.blockIdx.x // tiles
         n0 = (cuda.blockIdx.x - j * tiles) * TN
-        a_s = cuda.shared.array((TN, BP), DT)
-        w_s = cuda.shared.array((B, BP), DT)
-        acc = cuda.local.array((TM, TC), DT)
-        wv = cuda.local.array(TC, DT)
+        a_s = cuda.shared.array((TN, BP), AT)
+        w_s = cuda.shared.array((B, BP), AT)
+        acc = cuda.local.array((TM, TC), AT)
+        wv = cuda.local.array(TC, AT)
         for r in range(TM):
             for c in range(TC):
                 acc[r, c] = 0
@@ -161,7 +163,7 @@ def _gather_kernel(B: int, dtype_str: str, transpose: bool):
 @functools.lru_cache(maxsize=None)
 def _weight_kernel(B: int, dtype_str: str):
     """Kernel computing ``dw[s] = x[:, iB:(i+1)B].T @ dy[:, jB:(j+1)B]`` per live entry."""
-    DT = np.dtype(dtype_str).type
+    AT = compute_type(dtype_str)
     TN = _TNW
     TX = _TX
     TY = _TY
@@ -193,11 +195,11 @@ def _weight_kernel(B: int, dtype_str: str):
         j0 = ecols[e] * B
         s = eslots[e]
         n_rows = x.shape[0]
-        x_s = cuda.shared.array((TN, B), DT)
-        d_s = cuda.shared.array((TN, B), DT)
-        acc = cuda.local.array((TA, TB), DT)
-        xv = cuda.local.array(TA, DT)
-        dv = cuda.local.array(TB, DT)
+        x_s = cuda.shared.array((TN, B), AT)
+        d_s = cuda.shared.array((TN, B), AT)
+        acc = cuda.local.array((TA, TB), AT)
+        xv = cuda.local.array(TA, AT)
+        dv = cuda.local.array(TB, AT)
         for a_ in range(TA):
             for b_ in range(TB):
                 acc[a_, b_] = 0
