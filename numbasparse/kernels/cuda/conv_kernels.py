@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 from numba import cuda
 
 from .host import compute_type

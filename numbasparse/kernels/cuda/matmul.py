@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 from numba import cuda
 
 from .host import (check_entry_tables, check_floats, check_grouped_tables, compute_type, dtype_of, flat_grid, host_in,
