@@ -191,8 +191,9 @@ def forward(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: i
             bias: torch.Tensor | None = None) -> torch.Tensor:
     """y (N, out_blocks*B) = x (N, in_blocks*B) @ W (+ bias (out_blocks*B,)).
 
-    ``w`` is ``(layout.capacity, B, B)``; all tensors contiguous, of one dtype (float32
-    or float64) and on one device.  Checked: raises ValueError / TypeError on a bad
+    ``w`` is ``(layout.capacity, B, B)``; all tensors contiguous, of one dtype (float32,
+    float64, float16 or bfloat16 - not bfloat16 on CUDA - computed in float32 for the
+    16-bit ones) and on one device.  Checked: raises ValueError / TypeError on a bad
     argument.
     """
     B = _check_call(layout, block_size, {"x": x, "w": w, "bias": bias})

@@ -253,8 +253,9 @@ def sparsify(model: nn.Module, density: float | None = None, threshold: float | 
     or channels are not multiples of ``block_size``, convs with ``groups != 1``, a
     ``padding_mode`` other than ``'zeros'``, layers with forward or backward hooks
     (``weight_norm``, ``spectral_norm``, pruning), layers whose weight or bias another
-    module shares (tied weights), dtypes other than float32 / float64, weights on the
-    meta device, and layers left out by ``include`` / ``exclude``.  Code that reads a
+    module shares (tied weights), dtypes other than float32 / float64 / float16 /
+    bfloat16, weights on the meta device, and layers left out by ``include`` /
+    ``exclude``.  Code that reads a
     converted layer's ``weight`` as a dense matrix (``F.linear(x, layer.weight)``) must
     be excluded by the caller.
 

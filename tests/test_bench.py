@@ -28,6 +28,22 @@ def test_matmul_rows_cover_every_impl_and_op():
     assert "numbasparse" in table and "speedup" in table
 
 
+def test_precision_rows_time_16_bit_against_float32():
+    from numbasparse.bench.precision import format_precision, precision_rows
+
+    rows = precision_rows("cpu", hidden=64, batches=(2, 17), densities=(0.5,), repeats=1)
+    keys = {(r["op"], r["impl"], r["dtype"], r["batch"]) for r in rows}
+    for op in ("fwd", "bwd", "train step"):
+        for impl in ("numbasparse", "dense torch"):
+            for dtype in ("fp32", "bf16", "fp16"):
+                assert (op, impl, dtype, 2) in keys and (op, impl, dtype, 17) in keys
+    for r in rows:
+        assert r["ms"] > 0 and r["speedup_vs_dense"] == pytest.approx(r["dense_ms"] / r["ms"])
+        if r["dtype"] == "fp32":
+            assert r["speedup_vs_fp32"] == 1.0
+    assert format_precision(rows).count("\n") == len(rows) + 2
+
+
 def test_median_ms_takes_the_median(monkeypatch):
     import numbasparse.bench.timing as timing
 

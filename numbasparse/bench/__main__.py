@@ -92,6 +92,9 @@ def main(argv=None):
     p.add_argument("--no-peers", action="store_true",
                    help="time only numbasparse and dense torch (skip masked dense and torch BSR; with --model: "
                         "skip onnxruntime and DeepSparse)")
+    p.add_argument("--no-precision", action="store_true",
+                   help="skip the 16-bit rows (bfloat16 and float16 against float32: block 32, batch 1 and 256, "
+                        "density 0.1)")
     p.add_argument("--no-layers", action="store_true",
                    help="skip the per-call overhead rows (256x256 layer, batch 1) and the mixed-model rows")
     p.add_argument("--compile", action="store_true",
@@ -125,12 +128,17 @@ def main(argv=None):
         peers = False
     result = run(args.device, args.hidden, tuple(batches), tuple(blocks), tuple(densities), args.repeats,
                  args.threads, conv=not args.no_conv, peers=peers, conv_block_sizes=conv_blocks,
-                 layers=not args.no_layers, model_densities=model_densities)
+                 layers=not args.no_layers, model_densities=model_densities, precision=not args.no_precision)
     info = result["info"]
     _print_header(info)
     print(format_table(result["rows"]))
     print()
     print(format_summary(result["rows"]))
+    if "precision" in result:
+        from .precision import format_precision
+
+        print()
+        print(format_precision(result["precision"]))
     _extras(args, result)
 
 

@@ -24,7 +24,7 @@ from ..checks import check_distinct_slots, check_no_overlap
 from . import runtime
 from .args import make_block, pair
 from .matmul_backward import backward_program
-from .matmul_forward import forward_program
+from .matmul_forward import forward_program, tile_extra
 from .panels import DIRECT_ROWS, MAX_CHUNK, accumulator_type, row_multiple
 from .notice import compiling
 from .packed_weights import column_ordered
@@ -118,7 +118,7 @@ def _run_forward(x, w, tables, nnz, B, y, dtype_name, itemsize, bias=None):
         ncp, n_chunks = _chunking(n, dtype_name)
         panels = _panel_dtype(dtype_name)
         xp = _scratch("xp", n_chunks * ncp * c, panels)
-        tiles = _scratch("tiles", threads * ncp * B, panels)
+        tiles = _scratch("tiles", threads * (ncp * B + tile_extra(dtype_name, B)), panels)
     else:
         ncp = n_chunks = 0
         xp = tiles = none
@@ -147,7 +147,7 @@ def _run_backward(x, dy, w, row_tables, entry_tables, nnz, B, dx, dw, dtype_name
         xp = _scratch("xp", n_chunks * ncp * c, panels) if want_dw else none
         dyp = _scratch("dyp", n_chunks * ncp * k, panels) if want_dw else none
         dyt = _scratch("dyt", n_chunks * ncp * k, panels) if want_dx else none
-        tiles = _scratch("tiles", threads * ncp * B, panels) if want_dx else none
+        tiles = _scratch("tiles", threads * (ncp * B + tile_extra(dtype_name, B)), panels) if want_dx else none
     else:
         ncp = n_chunks = 0
         xp = dyp = dyt = tiles = none

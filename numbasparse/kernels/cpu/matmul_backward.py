@@ -27,7 +27,8 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from .args import JOINED, NEXT_TASK, PACKED, array_arg, scalar_arg
-from .panels import accumulator_type, GROUP, geometry, pack_rows, pack_transposed, prefetch_part, unpack_transposed, zero_rows
+from .matmul_forward import tile_extra
+from .panels import accumulator_type, copy_rows, GROUP, geometry, pack_rows, pack_transposed, prefetch_part, unpack_transposed, zero_rows
 from .simd import storage_type, sstore, atomic_load, fetch_add, vadd, vfma, vload, vstore, vsum, vzero
 from .tiles import (load_8x2, mma_1x1, mma_1x2, mma_8x1, mma_8x2, mma_16x1, store_8x1, store_8x2, store_16x1,
                     zero_8x1, zero_8x2, zero_16x1)
@@ -51,6 +52,8 @@ def backward_program(dtype_name: str, B: int, packed: bool):
     WIDE = NV == 1 and B >= 16     # one-vector rows, 16 of them: 16x1 weight-gradient tiles
     LINE = 64 // np.dtype(DT).itemsize
     NA = 15
+    WIDEN = DT is not AT           # 16-bit weights: each group widened once into ``wide``
+    STRIDE_EXTRA = tile_extra(dtype_name, B)
 
     if packed:
         @cfunc(_SIGNATURE, cache=True)
@@ -82,7 +85,9 @@ def backward_program(dtype_name: str, B: int, packed: bool):
             me = fetch_add(block, JOINED, 1)
             if me >= threads:
                 return
-            tile = tiles[me * NCp * B:(me + 1) * NCp * B]
+            stride = NCp * B + STRIDE_EXTRA
+            tile = tiles[me * stride:me * stride + NCp * B]
+            wide = tiles[me * stride + NCp * B:(me + 1) * stride]
             nbi = C // B
             nbo = K // B
             n_xp = n_chunks * nbi if want_dw else 0
@@ -123,6 +128,12 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                             while e0 < e_end:
                                 e1 = min(e0 + GROUP, e_end)
                                 e2 = min(e1 + GROUP, e_end)
+                                if WIDEN:
+                                    for e in range(e0, e1):
+                                        copy_rows(w, row_slots[e] * BB, B, wide, (e - e0) * BB, B, B, B, L, NV)
+                                    wsrc = wide
+                                else:
+                                    wsrc = w
                                 for q in range(NCp // RV):
                                     prefetch_part(w, row_slots, e1, e2, q, NCp // RV, BB, LINE)
                                     for kk in range(0, B, 8):
@@ -132,7 +143,8 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                                         else:
                                             acc = load_8x2(tile, t0, RV, VL)
                                         for e in range(e0, e1):
-                                            acc = mma_8x2(acc, w, row_slots[e] * BB + kk * B, B, 1,
+                                            acc = mma_8x2(acc, wsrc,
+                                                          ((e - e0) if WIDEN else row_slots[e]) * BB + kk * B, B, 1,
                                                           dyt, ((ch * nbo + row_cols[e]) * NCp + q * RV) * B, RV,
                                                           B, VL)
                                         store_8x2(acc, tile, t0, RV, VL)

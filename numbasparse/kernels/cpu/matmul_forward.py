@@ -1,6 +1,7 @@
 """The block-sparse matmul forward programs for CPUs: ``y = x @ W (+ bias)``.
 
-Shapes (one dtype, float32 or float64): ``x (N, C)``, ``y (N, K)``, blocks
+Shapes (one dtype: float32, float64, or bfloat16 / float16 as 16-bit patterns, see
+:mod:`.simd`, computed in float32): ``x (N, C)``, ``y (N, K)``, blocks
 ``w (capacity, B, B)`` with ``C = in_blocks*B``, ``K = out_blocks*B``; block ``w[s]``
 of live entry ``(i, j)`` maps ``x[:, iB:(i+1)B]`` into ``y[:, jB:(j+1)B]``.  Arrays
 reach a program flattened (1-D, C order) through its argument block (:mod:`.args`);
@@ -15,7 +16,8 @@ How threads map to data (tasks handed out by an atomic counter, :mod:`.runtime`)
   blocks of column ``j`` are taken ``GROUP`` at a time, so a group's weight blocks stay
   in L1 while the whole chunk streams past them (the next group's are prefetched
   meanwhile); partial sums wait in a per-thread tile between groups, and the last
-  group writes ``y`` straight from registers.
+  group writes ``y`` straight from registers.  16-bit x panels are widened when
+  packed, 16-bit weight groups when the group starts (:func:`tile_extra`).
 * direct program (fewer than ``DIRECT_ROWS`` rows: nothing worth packing), task = a
   run of output block columns: one row at a time, each weight block streamed once
   (the batch-1 regime, bound by memory).
@@ -36,6 +38,13 @@ from .tiles import (load_8x2, load_16x1, mma_1x1, mma_1x2, mma_8x2, mma_16x1, ro
 _SIGNATURE = types.void(types.voidptr)
 
 
+def tile_extra(dtype_name: str, B: int) -> int:
+    """Scratch per thread beyond its ``NCp x B`` tile: for 16-bit weights, room for one
+    group of weight blocks widened to float32 (the register tiles then read float32
+    from L1 instead of converting every weight vector once per row tile)."""
+    return GROUP * B * B if accumulator_type(dtype_name) is not storage_type(dtype_name) else 0
+
+
 @functools.lru_cache(maxsize=None)
 def forward_program(dtype_name: str, B: int, packed: bool):
     """``y = x @ W (+ bias)``.  Arrays: x, w, col_ptr, col_rows, col_slots, y, xp,
@@ -50,6 +59,8 @@ def forward_program(dtype_name: str, B: int, packed: bool):
     MR = 16 if NV == 1 else 8     # rows per register tile
     LINE = 64 // np.dtype(DT).itemsize
     NA = 9
+    WIDEN = DT is not AT           # 16-bit weights: each group widened once into ``wide``
+    STRIDE_EXTRA = tile_extra(dtype_name, B)
 
     if packed:
         @cfunc(_SIGNATURE, cache=True)
@@ -74,7 +85,9 @@ def forward_program(dtype_name: str, B: int, packed: bool):
             me = fetch_add(block, JOINED, 1)
             if me >= threads:
                 return
-            tile = tiles[me * NCp * B:(me + 1) * NCp * B]
+            stride = NCp * B + STRIDE_EXTRA
+            tile = tiles[me * stride:me * stride + NCp * B]
+            wide = tiles[me * stride + NCp * B:(me + 1) * stride]
             nbi = C // B
             nbo = K // B
             n_pack = n_chunks * nbi
@@ -103,6 +116,12 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                             while e0 < e_end:
                                 e1 = min(e0 + GROUP, e_end)
                                 e2 = min(e1 + GROUP, e_end)
+                                if WIDEN:
+                                    for e in range(e0, e1):
+                                        copy_rows(w, slots[e] * BB, B, wide, (e - e0) * BB, B, B, B, L, NV)
+                                    wsrc = wide
+                                else:
+                                    wsrc = w
                                 for r in range(0, NCp, MR):
                                     if half == 0:
                                         prefetch_part(w, slots, e1, e2, r // MR, NCp // MR, BB, LINE)
@@ -115,7 +134,7 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                                             acc = zero_16x1(AT(0), L)
                                         for e in range(e0, e1):
                                             acc = mma_16x1(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
-                                                           w, slots[e] * BB, B, B, L)
+                                                           wsrc, ((e - e0) if WIDEN else slots[e]) * BB, B, B, L)
                                         if e1 == e_end and r + MR <= valid:
                                             store_16x1(acc, y, (n0 + r) * K + j * B, K, L)
                                         else:
@@ -129,7 +148,8 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                                             acc = zero_8x2(AT(0), L)
                                         for e in range(e0, e1):
                                             acc = mma_8x2(acc, xp, ((ch * nbi + rows[e]) * NCp + r) * B, B, 1,
-                                                          w, slots[e] * BB + coff, B, B, L)
+                                                          wsrc, ((e - e0) if WIDEN else slots[e]) * BB + coff, B,
+                                                          B, L)
                                         if e1 == e_end and r + MR <= valid:
                                             store_8x2(acc, y, (n0 + r) * K + j * B + coff, K, L)
                                         else:
