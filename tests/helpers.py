@@ -184,3 +184,21 @@ def run_in_forked_child(fn, *args, timeout=120):
     assert child.exitcode == 0, result
     assert not (isinstance(result, str) and result.startswith("child raised")), result
     return result
+
+
+# ------------------------------------------------------------------ 16-bit floats
+HALF = [torch.bfloat16, torch.float16]
+HALF_IDS = ["bf16", "fp16"]
+# max|err| / max|ref|: one rounding of the result (at most 2**-8 of an element for
+# bfloat16, 2**-11 for float16) plus the float32 sums' error.
+REL_TOL_16 = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def half_randn(shape, dtype, seed, scale=1.0, requires_grad=False):
+    """Standard normal values rounded to ``dtype`` (the 16-bit values are the inputs)."""
+    return (randn(shape, torch.float64, seed) * scale).to(dtype).requires_grad_(requires_grad)
+
+
+def check_rel_16(out, ref, dtype, what):
+    err = rel_err(out, ref)
+    assert err < REL_TOL_16[dtype], f"{what}: relative error {err:.3e} >= {REL_TOL_16[dtype]:.0e} ({dtype})"
