@@ -28,8 +28,9 @@ from numba import carray, cfunc, types
 
 from .args import JOINED, NEXT_TASK, PACKED, array_arg, scalar_arg
 from .matmul_forward import tile_extra
-from .panels import accumulator_type, copy_rows, GROUP, geometry, pack_rows, pack_transposed, prefetch_part, unpack_transposed, zero_rows
-from .simd import storage_type, sstore, atomic_load, fetch_add, vadd, vfma, vload, vstore, vsum, vzero
+from .panels import (GROUP, accumulator_type, geometry, pack_rows, pack_transposed, prefetch_part, unpack_transposed,
+                     widen_blocks, zero_rows)
+from .simd import atomic_load, fetch_add, sstore, storage_type, vadd, vfma, vload, vstore, vsum, vzero
 from .tiles import (load_8x2, mma_1x1, mma_1x2, mma_8x1, mma_8x2, mma_16x1, store_8x1, store_8x2, store_16x1,
                     zero_8x1, zero_8x2, zero_16x1)
 
@@ -129,8 +130,7 @@ def backward_program(dtype_name: str, B: int, packed: bool):
                                 e1 = min(e0 + GROUP, e_end)
                                 e2 = min(e1 + GROUP, e_end)
                                 if WIDEN:
-                                    for e in range(e0, e1):
-                                        copy_rows(w, row_slots[e] * BB, B, wide, (e - e0) * BB, B, B, B, L, NV)
+                                    widen_blocks(w, row_slots, e0, e1, wide, B, L, NV)
                                     wsrc = wide
                                 else:
                                     wsrc = w

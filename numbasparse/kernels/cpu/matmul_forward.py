@@ -30,8 +30,9 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from .args import JOINED, NEXT_TASK, PACKED, array_arg, scalar_arg
-from .panels import accumulator_type, GROUP, PREFETCH_BLOCKS, copy_rows, fill_rows, geometry, pack_rows, prefetch_part
-from .simd import storage_type, atomic_load, fetch_add, prefetch, vadd, vload, vstore, vzero
+from .panels import (GROUP, PREFETCH_BLOCKS, accumulator_type, copy_rows, fill_rows, geometry, pack_rows, prefetch_part,
+                     widen_blocks)
+from .simd import atomic_load, fetch_add, prefetch, storage_type, vadd, vload, vstore, vzero
 from .tiles import (load_8x2, load_16x1, mma_1x1, mma_1x2, mma_8x2, mma_16x1, rows_8x2, rows_16x1, store_8x2,
                     store_16x1, zero_8x2, zero_16x1)
 
@@ -117,8 +118,7 @@ def forward_program(dtype_name: str, B: int, packed: bool):
                                 e1 = min(e0 + GROUP, e_end)
                                 e2 = min(e1 + GROUP, e_end)
                                 if WIDEN:
-                                    for e in range(e0, e1):
-                                        copy_rows(w, slots[e] * BB, B, wide, (e - e0) * BB, B, B, B, L, NV)
+                                    widen_blocks(w, slots, e0, e1, wide, B, L, NV)
                                     wsrc = wide
                                 else:
                                     wsrc = w

@@ -11,7 +11,8 @@ full and padded rows contribute nothing.  Panels, for chunk ``ch`` and block ``b
   one contiguous sub-panel (:func:`pack_transposed`, :func:`unpack_transposed`).
 
 Panels hold the accumulator type (:func:`accumulator_type`): packing a 16-bit operand
-widens it once, so the register tiles read float32.  Everything here is ``inline="always"``: compile-time constants of the calling
+widens it once, so the register tiles read float32.  Everything here is
+``inline="always"``: compile-time constants of the calling
 program (block size, vector lanes) reach the vector code.
 """
 from __future__ import annotations
@@ -112,6 +113,16 @@ def prefetch_part(w, slots, e_begin, e_end, part, parts, BB, LINE):
     per_block = BB // LINE
     for q in range(first, last):
         prefetch(w, slots[e_begin + q // per_block] * BB + (q % per_block) * LINE, 2)
+
+
+@njit(inline="always", cache=True)
+def widen_blocks(w, slots, e_begin, e_end, wide, B, L, NV):
+    """``wide[(e - e_begin)*B*B ...]`` = block ``w[slots[e]]``, ``e_begin <= e < e_end``,
+    in the accumulator type: a group of 16-bit weight blocks widened once, for a tile
+    sweep that reads each of them many times."""
+    BB = B * B
+    for e in range(e_begin, e_end):
+        copy_rows(w, slots[e] * BB, B, wide, (e - e_begin) * BB, B, B, B, L, NV)
 
 
 @njit(inline="always", cache=True)

@@ -41,8 +41,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 __all__ = ["Vector", "BFLOAT16", "FLOAT16", "storage_type", "vload", "vstore", "sload", "sstore", "vsplat", "vzero",
-           "vfma", "vadd", "vsum", "prefetch", "fetch_add", "atomic_load", "address_as_voidptr", "transpose_copy", "native_lanes", "vload_native",
-           "vfill_native"]
+           "vfma", "vadd", "vsum", "prefetch", "fetch_add", "atomic_load", "address_as_voidptr", "transpose_copy",
+           "native_lanes", "vload_native", "vfill_native"]
 
 
 #: numpy storage types of the 16-bit float formats (bit patterns), see the module docstring.
