@@ -31,7 +31,7 @@ import importlib
 
 import torch
 
-from ._checks import check_block_size, check_features, check_tensor, check_weight_shape
+from ._checks import LOW_PRECISION, check_block_size, check_features, check_tensor, check_weight_shape
 from .kernels.checks import conv_output_size
 from .kernels.cpu import matmul as cpu_matmul
 from .layout import BlockLayout
@@ -71,9 +71,6 @@ def cuda_usable() -> bool:
         return bool(cuda.is_available())
     except Exception:  # a broken driver install reads as "no GPU"
         return False
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_cuda_dtype(dtype: torch.dtype) -> None:
@@ -286,7 +283,7 @@ def _conv_forward(x, w, layout, block_size, stride, padding, dilation):
     On CPU, 16-bit tensors are widened to float32 for the kernels and the result is
     rounded back (the CPU conv kernels compute in float32 or float64 only)."""
     kernel, target = _conv_kernel("forward", x.device, x.dtype)
-    if target == "cpu" and x.dtype in _HALF:
+    if target == "cpu" and x.dtype in LOW_PRECISION:
         return _conv_forward(x.float(), w.float(), layout, block_size, stride, padding, dilation).to(x.dtype)
     size = conv_output_size(tuple(x.shape[2:]), tuple(w.shape[1:3]), stride, padding, dilation)
     y = torch.empty((x.shape[0], layout.out_blocks * block_size, *size), dtype=x.dtype, device=x.device)
@@ -298,7 +295,7 @@ def _conv_forward(x, w, layout, block_size, stride, padding, dilation):
 
 def _conv_backward_data(dy, w, layout, block_size, stride, padding, dilation, input_size):
     kernel, target = _conv_kernel("backward_data", dy.device, dy.dtype)
-    if target == "cpu" and dy.dtype in _HALF:
+    if target == "cpu" and dy.dtype in LOW_PRECISION:
         return _conv_backward_data(dy.float(), w.float(), layout, block_size, stride, padding, dilation,
                                    input_size).to(dy.dtype)
     dx = torch.empty((dy.shape[0], layout.in_blocks * block_size, *input_size), dtype=dy.dtype, device=dy.device)
@@ -310,7 +307,7 @@ def _conv_backward_data(dy, w, layout, block_size, stride, padding, dilation, in
 
 def _conv_backward_weight(x, dy, w_shape, layout, block_size, stride, padding, dilation):
     kernel, target = _conv_kernel("backward_weight", x.device, x.dtype)
-    if target == "cpu" and x.dtype in _HALF:
+    if target == "cpu" and x.dtype in LOW_PRECISION:
         return _conv_backward_weight(x.float(), dy.float(), w_shape, layout, block_size, stride, padding,
                                      dilation).to(x.dtype)
     dw = torch.zeros(w_shape, dtype=x.dtype, device=x.device)

@@ -12,7 +12,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 
-__all__ = ["BFLOAT16", "FLOAT16", "storage_type"]
+__all__ = ["BFLOAT16", "FLOAT16", "storage_type", "accumulator_type"]
 
 #: numpy storage types of the 16-bit float formats (bit patterns), see the module docstring.
 BFLOAT16 = np.uint16
@@ -23,6 +23,12 @@ _STORAGE = {"bfloat16": BFLOAT16, "float16": FLOAT16}
 def storage_type(dtype_name: str):
     """The numpy type whose arrays hold ``dtype_name`` values inside the kernels."""
     return _STORAGE.get(dtype_name) or np.dtype(dtype_name).type
+
+
+def accumulator_type(dtype_name: str):
+    """The numpy type a program computes in, and keeps its packed panels and tiles
+    in: float32 for the 16-bit formats (their values widen exactly), else the dtype."""
+    return np.float32 if dtype_name in _STORAGE else np.dtype(dtype_name).type
 
 
 def _is_half(dtype) -> bool:

@@ -23,9 +23,10 @@ import numpy as np
 from ..checks import check_distinct_slots, check_no_overlap
 from . import runtime
 from .args import make_block, pair
+from .formats import accumulator_type
 from .matmul_backward import backward_program
 from .matmul_forward import forward_program, tile_extra
-from .panels import DIRECT_ROWS, MAX_CHUNK, accumulator_type, row_multiple
+from .panels import DIRECT_ROWS, MAX_CHUNK, row_multiple
 from .notice import compiling
 from .packed_weights import column_ordered
 

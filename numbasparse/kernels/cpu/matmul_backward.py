@@ -27,10 +27,11 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from .args import JOINED, NEXT_TASK, PACKED, array_arg, scalar_arg
+from .formats import accumulator_type, storage_type
 from .matmul_forward import tile_extra
-from .panels import (GROUP, accumulator_type, geometry, pack_rows, pack_transposed, prefetch_part, unpack_transposed,
+from .panels import (GROUP, geometry, pack_rows, pack_transposed, prefetch_part, unpack_transposed,
                      widen_blocks, zero_rows)
-from .simd import atomic_load, fetch_add, sstore, storage_type, vadd, vfma, vload, vstore, vsum, vzero
+from .simd import atomic_load, fetch_add, sstore, vadd, vfma, vload, vstore, vsum, vzero
 from .tiles import (load_8x2, mma_1x1, mma_1x2, mma_8x1, mma_8x2, mma_16x1, store_8x1, store_8x2, store_16x1,
                     zero_8x1, zero_8x2, zero_16x1)
 

@@ -30,9 +30,10 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from .args import JOINED, NEXT_TASK, PACKED, array_arg, scalar_arg
-from .panels import (GROUP, PREFETCH_BLOCKS, accumulator_type, copy_rows, fill_rows, geometry, pack_rows, prefetch_part,
+from .formats import accumulator_type, storage_type
+from .panels import (GROUP, PREFETCH_BLOCKS, copy_rows, fill_rows, geometry, pack_rows, prefetch_part,
                      widen_blocks)
-from .simd import atomic_load, fetch_add, prefetch, storage_type, vadd, vload, vstore, vzero
+from .simd import atomic_load, fetch_add, prefetch, vadd, vload, vstore, vzero
 from .tiles import (load_8x2, load_16x1, mma_1x1, mma_1x2, mma_8x2, mma_16x1, rows_8x2, rows_16x1, store_8x2,
                     store_16x1, zero_8x2, zero_16x1)
 

@@ -10,7 +10,7 @@ full and padded rows contribute nothing.  Panels, for chunk ``ch`` and block ``b
   sub-panels of ``B x RV`` (``RV`` = two vectors of rows), so a register tile reads
   one contiguous sub-panel (:func:`pack_transposed`, :func:`unpack_transposed`).
 
-Panels hold the accumulator type (:func:`accumulator_type`): packing a 16-bit operand
+Panels hold the accumulator type (:func:`.formats.accumulator_type`): packing a 16-bit operand
 widens it once, so the register tiles read float32.  Everything here is
 ``inline="always"``: compile-time constants of the calling
 program (block size, vector lanes) reach the vector code.
@@ -27,12 +27,6 @@ GROUP = 4            # live blocks whose weights a tile sweep keeps in L1
 PREFETCH_BLOCKS = 2  # direct forward: weight blocks requested this far ahead of use
 DIRECT_ROWS = 16     # fewer rows than this: direct (unpacked) programs
 MAX_CHUNK = 256      # rows per packed chunk, at most
-
-
-def accumulator_type(dtype_name: str):
-    """The numpy type a program computes in, and keeps its packed panels and tiles
-    in: float32 for the 16-bit formats (their values widen exactly), else the dtype."""
-    return np.float32 if dtype_name in ("bfloat16", "float16") else np.dtype(dtype_name).type
 
 
 def geometry(dtype, B):
