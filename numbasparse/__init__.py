@@ -5,17 +5,18 @@ into PyTorch without copies, with autograd and ``torch.nn`` modules.
 """
 from .kernels import cpu as _cpu_code_generator  # noqa: F401  (configures numba before any compile)
 from . import functional, layouts  # noqa: E402
-from .functional import block_sparse_conv2d, block_sparse_matmul
+from .functional import block_sparse_conv2d, block_sparse_lstm, block_sparse_matmul
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, BlocksparseMatMul
 from .nn_conv import BlockSparseConv2d
+from .nn_lstm import BlockSparseLSTM
 from .convert import SparsifyReport, sparsify
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "layouts", "functional", "block_sparse_matmul", "block_sparse_conv2d",
-           "BlockSparseLinear", "BlocksparseMatMul",
-           "BlockSparseConv2d", "sparsify", "SparsifyReport",
+           "block_sparse_lstm", "BlockSparseLinear", "BlocksparseMatMul",
+           "BlockSparseConv2d", "BlockSparseLSTM", "sparsify", "SparsifyReport",
            "set_num_threads", "get_num_threads", "learn", "__version__"]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .layout import BlockLayout
 
-__all__ = ["random", "dense", "block_diagonal", "watts_strogatz", "barabasi_albert", "from_dense"]
+__all__ = ["random", "dense", "block_diagonal", "watts_strogatz", "barabasi_albert", "from_dense", "lstm_gates"]
 
 
 def _count(value, name, minimum=1):
@@ -103,6 +103,22 @@ def barabasi_albert(n: int, m: int, seed: int | None = None) -> BlockLayout:
     if m >= n:
         raise ValueError(f"m must be < n, got m={m}, n={n}")
     return _graph_layout(nx.barabasi_albert_graph(n, m, seed=_seed(seed)), n)
+
+
+def lstm_gates(hidden_layout, gates: int = 4) -> BlockLayout:
+    """The fused recurrent layout ``(n, gates*n)`` of an LSTM from a layout over its
+    hidden blocks ``(n, n)``: block ``(i, j)`` of ``hidden_layout`` connects hidden block
+    ``i`` to hidden block ``j`` through every gate (columns ``j``, ``n+j``, ``2n+j``...).
+
+    ``lstm_gates(watts_strogatz(n, k, p))`` is the small-world LSTM layout: each hidden
+    block reads itself, its ``k`` ring neighbours and a few rewired long-range blocks.
+    """
+    if not isinstance(hidden_layout, BlockLayout):
+        hidden_layout = BlockLayout(hidden_layout)
+    gates = _count(gates, "gates")
+    if hidden_layout.in_blocks != hidden_layout.out_blocks:
+        raise ValueError(f"hidden_layout must be square (hidden blocks, hidden blocks), got {hidden_layout.shape}")
+    return BlockLayout(np.tile(hidden_layout.mask, (1, gates)))
 
 
 def block_norms(weight, block_size: int) -> np.ndarray:
