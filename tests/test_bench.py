@@ -57,12 +57,25 @@ def test_median_ms_takes_the_median(monkeypatch):
 def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["--hidden", "64", "--batch", "2", "--block", "16", "--density", "0.5", "--repeats", "1",
-          "--no-conv", "--no-peers", "--json", str(out)])
+          "--no-conv", "--no-peers", "--no-lstm", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "numbasparse" in printed and "dense torch" in printed
     result = json.loads(out.read_text())
     assert result["info"]["threads"] >= 1
     assert {r["impl"] for r in result["rows"]} == {"numbasparse", "dense torch"}
+
+
+def test_lstm_rows_time_ours_against_nn_lstm():
+    from numbasparse.bench.recurrent import format_lstm, lstm_rows
+
+    rows = lstm_rows("cpu", hidden=64, input_size=48, batch=3, steps=4, block=16, densities=(0.5,), repeats=1)
+    assert len(rows) == 6
+    assert {r["impl"] for r in rows} == {"numbasparse, dense input", "numbasparse, sparse input", "torch nn.LSTM"}
+    assert {r["op"] for r in rows} == {"fwd", "fwd+bwd"}
+    for r in rows:
+        assert r["ms"] > 0 and r["speedup_vs_dense"] == pytest.approx(r["dense_ms"] / r["ms"])
+        assert (r["density"] is None) == (r["impl"] == "torch nn.LSTM")
+    assert format_lstm(rows).count("\n") == len(rows) + 2
 
 
 def test_microkernel_ceiling_is_timed():

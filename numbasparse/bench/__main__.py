@@ -95,6 +95,9 @@ def main(argv=None):
     p.add_argument("--no-precision", action="store_true",
                    help="skip the 16-bit rows (bfloat16 and float16 against float32: block 32, batch 1 and 256, "
                         "density 0.1)")
+    p.add_argument("--no-lstm", action="store_true",
+                   help="skip the LSTM rows (BlockSparseLSTM against torch.nn.LSTM: hidden 1024, batch 32, "
+                        "64 steps, recurrent density 0.25, forward and forward+backward)")
     p.add_argument("--no-layers", action="store_true",
                    help="skip the per-call overhead rows (256x256 layer, batch 1) and the mixed-model rows")
     p.add_argument("--compile", action="store_true",
@@ -128,7 +131,8 @@ def main(argv=None):
         peers = False
     result = run(args.device, args.hidden, tuple(batches), tuple(blocks), tuple(densities), args.repeats,
                  args.threads, conv=not args.no_conv, peers=peers, conv_block_sizes=conv_blocks,
-                 layers=not args.no_layers, model_densities=model_densities, precision=not args.no_precision)
+                 layers=not args.no_layers, model_densities=model_densities, precision=not args.no_precision,
+                 lstm=not args.no_lstm)
     info = result["info"]
     _print_header(info)
     print(format_table(result["rows"]))
@@ -139,6 +143,11 @@ def main(argv=None):
 
         print()
         print(format_precision(result["precision"]))
+    if "lstm" in result:
+        from .recurrent import format_lstm
+
+        print()
+        print(format_lstm(result["lstm"]))
     _extras(args, result)
 
 
