@@ -104,6 +104,10 @@ class BlockSparseLSTM(nn.Module):
         if input.shape[-1] != self.input_size:
             raise ValueError(f"input has {input.shape[-1]} features (shape {tuple(input.shape)}) but the layer "
                              f"takes input_size={self.input_size}")
+        weight = self.recurrent.weight
+        if autocast_input(input).dtype != autocast_input(weight).dtype or input.device != weight.device:
+            raise TypeError(f"input is {input.dtype} on {input.device} but the layer's weights are {weight.dtype} on "
+                            f"{weight.device}: use one dtype and device (input.to(...) or lstm.to(...))")
         x = input if not batched else (input.transpose(0, 1) if self.batch_first else input)
         if not batched:
             x = x.unsqueeze(1)

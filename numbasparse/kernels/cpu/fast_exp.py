@@ -4,8 +4,9 @@
 numba lowers ``math.exp`` to a libm call per element (no vector math library is
 configured), which keeps a loop scalar.  ``exp_approx`` on float32 is the Cephes
 ``expf`` polynomial (about 2 ulp over the clamped range ``[-87.3, 88.3]``; beyond it the
-result saturates at ``exp(-87.3)`` or ``exp(88.3)``) with the power of two built from
-bits, so the loop vectorizes.  On float64 it is ``math.exp`` (exact; for references
+result saturates at ``exp(-87.3)`` or ``exp(88.3)``; NaN gives NaN) with the power of
+two built from bits, so the loop vectorizes.  Callers compiled with fast-math must
+leave out the "no NaNs" flag, or LLVM may drop the NaN test.  On float64 it is ``math.exp`` (exact; for references
 and gradient checks, not for speed).
 """
 from __future__ import annotations
@@ -55,17 +56,18 @@ def _exp_approx(x):
         return None
 
     def impl(x):
-        x = x if x > _LOW else _LOW
-        x = x if x < _HIGH else _HIGH
-        n = np.floor(x * _LOG2E + np.float32(0.5))
-        r = x - n * _LN2_HI - n * _LN2_LO
+        clamped = x if x > _LOW else _LOW
+        clamped = clamped if clamped < _HIGH else _HIGH
+        n = np.floor(clamped * _LOG2E + np.float32(0.5))
+        r = clamped - n * _LN2_HI - n * _LN2_LO
         p = _P[0]
         p = p * r + _P[1]
         p = p * r + _P[2]
         p = p * r + _P[3]
         p = p * r + _P[4]
         p = p * r + _P[5]
-        return (p * (r * r) + r + np.float32(1.0)) * _pow2_float32(np.int32(n))
+        result = (p * (r * r) + r + np.float32(1.0)) * _pow2_float32(np.int32(n))
+        return result if x == x else x   # NaN stays NaN (the clamps would make it finite)
 
     return impl
 

@@ -28,8 +28,11 @@ from .simd import fetch_add
 
 __all__ = ["cell_backward", "cell_forward", "run"]
 
+# fast-math without "no NaNs" and "no infs": a NaN or inf must come out as nn.LSTM's would
+_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
-@njit(fastmath=True, cache=True, error_model="numpy")
+
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
 def _cell_row(i_, f_, g_, o_, c_prev, dh, dc, di, df, dg, do):
     one = constant_like(dh, 1)
     two = constant_like(dh, 2)
@@ -48,7 +51,7 @@ def _cell_row(i_, f_, g_, o_, c_prev, dh, dc, di, df, dg, do):
         dc[j] = d_c * f
 
 
-@njit(fastmath=True, cache=True, error_model="numpy")
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
 def cell_backward(gates, c_prev, dh, dc, dgates, counter):
     """Writes ``dgates (N, 4H)``, the gradient w.r.t. the gate pre-activations, and
     overwrites ``dc`` with the gradient w.r.t. ``c_prev``.  Task: one row, taken from
@@ -61,7 +64,7 @@ def cell_backward(gates, c_prev, dh, dc, dgates, counter):
         n = fetch_add(counter, 0, 1)
 
 
-@njit(fastmath=True, cache=True, error_model="numpy")
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
 def _cell_row_forward(pre_i, pre_f, pre_g, pre_o, x_i, x_f, x_g, x_o, c_prev, c, h):
     one = constant_like(c, 1)
     two = constant_like(c, 2)
@@ -79,7 +82,7 @@ def _cell_row_forward(pre_i, pre_f, pre_g, pre_o, x_i, x_f, x_g, x_o, c_prev, c,
         h[j] = o * (one - two / (one + exp_approx(two * c_new)))
 
 
-@njit(fastmath=True, cache=True, error_model="numpy")
+@njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
 def cell_forward(gates, gx, c_prev, c, h, counter):
     """One step: ``gates (N, 4H)`` holds ``h_prev @ W`` on entry and the activated gates
     on return (``gx (N, 4H)`` added first); writes ``c`` and ``h`` ``(N, H)``.  Task: one
