@@ -1,5 +1,6 @@
 """Functional API with autograd: ``block_sparse_matmul`` (and, in :mod:`.conv`,
-``block_sparse_conv2d``; in :mod:`.functional_lstm`, ``block_sparse_lstm``)."""
+``block_sparse_conv2d``; in :mod:`.functional_lstm`, ``block_sparse_lstm``; in
+:mod:`.sampled`, ``sampled_matmul``)."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,7 @@ from ._checks import (as_layout, block_size_of, check_features, check_same_place
                       check_tensor, check_weight_shape)
 from .layout_tensor import layout_tensor
 
-__all__ = ["block_sparse_matmul", "block_sparse_conv2d", "block_sparse_lstm"]
+__all__ = ["block_sparse_matmul", "block_sparse_conv2d", "block_sparse_lstm", "sampled_matmul"]
 
 
 def block_sparse_matmul(x: torch.Tensor, w: torch.Tensor, layout, block_size: int | None = None,
@@ -67,3 +68,4 @@ def matmul_op(x: torch.Tensor, w: torch.Tensor, bias, layout_t: torch.Tensor, bl
 
 from .conv import block_sparse_conv2d  # noqa: E402
 from .functional_lstm import block_sparse_lstm  # noqa: E402
+from .sampled import sampled_matmul  # noqa: E402
