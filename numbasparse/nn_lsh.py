@@ -18,6 +18,7 @@ import numbers
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._checks import check_block_size
 from .kernels.cpu.lsh import build_tables, choose_blocks
@@ -54,8 +55,9 @@ class LSHOutputLayer(nn.Module):
         weight: ``(out_features, in_features)`` (``nn.Linear``'s orientation), bias ``(out_features,)``.
         planes: ``(in_features, tables*bits)`` hyperplanes; ``steps``: training calls so
             far; ``sorted_ids``, ``bucket_ptr``: the tables (buffers, all saved in
-            ``state_dict``, so a checkpoint resumes with the same tables; a state dict
-            without the tables makes the layer rebuild them from the loaded weights).
+            ``state_dict`` with the generator of the random fill, so a checkpoint resumes
+            with the same tables and choices; a state dict without the tables makes the
+            layer rebuild them from the loaded weights).
 
     Forward: ``forward(x (N, C), labels=None) -> (logits (N, A*B), block_ids (N, A))``;
     ``logits[n, k*B + j]`` is neuron ``block_ids[n, k]*B + j``.  In training mode every
@@ -158,17 +160,17 @@ class LSHOutputLayer(nn.Module):
         self._check_input(x)
         block_ids = check_active(block_ids, x.shape[0], self.n_blocks, x.device)
         groups = _Groups(block_ids)
-        x = x.contiguous()
+        x, weight = x.contiguous(), self.weight.contiguous()
         if self.sparse_grad:
-            y = _SparseRows.apply(x, self.weight, groups, self.block_size)
+            y = _SparseRows.apply(x, weight, groups, self.block_size)
         else:
-            y = _SampledMatmul.apply(x, self.weight.t(), groups, "cols", self.block_size)
+            y = _SampledMatmul.apply(x, weight.t(), groups, "cols", self.block_size)
         if self.bias is not None:
             if self.sparse_grad:
                 y = y + _SparseBias.apply(self.bias, block_ids, groups, self.block_size)
             else:
                 y = y + self.bias.view(self.n_blocks, self.block_size)[block_ids]
-        return y.reshape(x.shape[0], -1)
+        return y.reshape(x.shape[0], block_ids.shape[1] * self.block_size)
 
     def full_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, out_features)``: every logit (for exact evaluation)."""
@@ -190,6 +192,15 @@ class LSHOutputLayer(nn.Module):
         return result
 
     # ------------------------------------------------------------ checkpoints
+    def get_extra_state(self):
+        """The generator of the random fill, so that a checkpoint resumes the same choices."""
+        return {"choice_rng": self._choice_seeds.get_state()}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or not isinstance(state.get("choice_rng"), torch.Tensor):
+            raise ValueError("the LSHOutputLayer extra state must be a dict with the tensor 'choice_rng'")
+        self._choice_seeds.set_state(state["choice_rng"])
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         for name in ("sorted_ids", "bucket_ptr"):     # the tables' shapes depend on the layer's settings
@@ -223,6 +234,7 @@ class _SparseRows(torch.autograd.Function):
         return sampled_forward(x, weight, "cols", groups, block)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         from .sampled import sampled_data_grad, sampled_weight_grad
 
@@ -248,11 +260,17 @@ class _SparseBias(torch.autograd.Function):
         return bias.view(-1, block)[block_ids]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         groups, block = ctx.groups, ctx.block
         unique = torch.from_numpy(groups.group_block).to(dy.device)
-        where = torch.searchsorted(unique, ctx.block_ids.reshape(-1))
-        values = dy.new_zeros((unique.shape[0], block)).index_add_(0, where, dy.reshape(-1, block))
+        flat = dy.reshape(-1, block)
+        if flat.device.type == "cpu":       # the pairs are sorted by block: one sum per run of pairs
+            values = torch.from_numpy(np.add.reduceat(flat.numpy()[groups.pairs], groups.group_ptr[:-1], axis=0)) \
+                if unique.numel() else flat.new_zeros((0, block))
+        else:
+            where = torch.searchsorted(unique, ctx.block_ids.reshape(-1))
+            values = flat.new_zeros((unique.shape[0], block)).index_add_(0, where, flat)
         rows = (unique[:, None] * block + torch.arange(block, device=dy.device)).reshape(1, -1)
         return torch.sparse_coo_tensor(rows, values.reshape(-1), (ctx.size,), is_coalesced=True, check_invariants=False), None, None, None
 

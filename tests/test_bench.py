@@ -57,7 +57,7 @@ def test_median_ms_takes_the_median(monkeypatch):
 def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["--hidden", "64", "--batch", "2", "--block", "16", "--density", "0.5", "--repeats", "1",
-          "--no-conv", "--no-peers", "--no-lstm", "--json", str(out)])
+          "--no-conv", "--no-peers", "--no-lstm", "--no-lsh", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "numbasparse" in printed and "dense torch" in printed
     result = json.loads(out.read_text())
@@ -76,6 +76,18 @@ def test_lstm_rows_time_ours_against_nn_lstm():
         assert r["ms"] > 0 and r["speedup_vs_dense"] == pytest.approx(r["dense_ms"] / r["ms"])
         assert (r["density"] is None) == (r["impl"] == "torch nn.LSTM")
     assert format_lstm(rows).count("\n") == len(rows) + 2
+
+
+def test_lsh_rows_time_ours_against_the_full_softmax():
+    from numbasparse.bench.lsh import format_lsh, lsh_rows
+
+    rows = lsh_rows("cpu", vocab=512, hidden=32, batch=8, active_blocks=2, tables=2, bits=3, repeats=1)
+    assert len(rows) == 4
+    assert {r["op"] for r in rows} == {"fwd+bwd", "train step"}
+    for r in rows:
+        assert r["ms"] > 0 and r["speedup_vs_dense"] == pytest.approx(r["dense_ms"] / r["ms"])
+        assert r["active"] == (64 if r["impl"].startswith("numbasparse") else 512)
+    assert format_lsh(rows).count("\n") == len(rows) + 2
 
 
 def test_microkernel_ceiling_is_timed():

@@ -74,18 +74,20 @@ def _cpu_model() -> str:
 def run(device="cpu", hidden=4096, batches=(1, 32, 256), block_sizes=(8, 16, 32),
         densities=(1.0, 0.5, 0.25, 0.1, 0.03), repeats=5, threads=None, conv=True, peers=True,
         conv_block_sizes=(16, 32), reference=True, layers=True, model_densities=(0.25, 0.1), show_progress=True,
-        precision=True, precision_batches=(1, 256), precision_densities=(0.1,), lstm=True):
+        precision=True, precision_batches=(1, 256), precision_densities=(0.1,), lstm=True, lsh=True):
     """Run the benchmark grid; returns ``{"info": machine_info, "rows": [row dicts]}``
     and, with ``precision``, ``"precision"``: the 16-bit rows (:mod:`.precision`, block
     32, hidden ``hidden``) and, with ``lstm``, ``"lstm"``: the LSTM rows (:mod:`.recurrent`,
-    hidden 1024, batch 32, 64 steps, block 32, recurrent density 0.25)."""
+    hidden 1024, batch 32, 64 steps, block 32, recurrent density 0.25) and, with ``lsh``,
+    ``"lsh"``: the LSH output-layer rows (:mod:`.lsh`, vocabulary 32768, hidden 512,
+    batch 128)."""
     set_threads(threads)
     n_matmul = len(batches) * len(block_sizes) * len(densities) * 4
     n_conv = len(conv_block_sizes) * len(densities) * 4 if conv else 0
     n_ref = len([d for d in densities if d < 1.0]) if device == "cuda" and reference else 0
     n_layers = 2 + 2 * len(model_densities) if layers else 0
     n_precision = 3 * len(precision_batches) * len(precision_densities) if precision else 0
-    n_lstm = 2 if lstm else 0
+    n_lstm = (2 if lstm else 0) + (2 if lsh else 0)
     progress = Progress(n_matmul + n_conv + n_ref + n_layers + n_precision + n_lstm, enabled=show_progress)
     rows = matmul_rows(device, hidden, batches, block_sizes, densities, repeats, peers, progress=progress)
     if layers:
@@ -116,6 +118,10 @@ def run(device="cpu", hidden=4096, batches=(1, 32, 256), block_sizes=(8, 16, 32)
         from .recurrent import lstm_rows
 
         extra["lstm"] = lstm_rows(device, repeats=repeats, progress=progress)
+    if lsh:
+        from .lsh import lsh_rows
+
+        extra["lsh"] = lsh_rows(device, repeats=repeats, progress=progress)
     progress.close()
     return {"info": machine_info(device), "rows": rows, **extra}
 

@@ -98,6 +98,9 @@ def main(argv=None):
     p.add_argument("--no-lstm", action="store_true",
                    help="skip the LSTM rows (BlockSparseLSTM against torch.nn.LSTM: hidden 1024, batch 32, "
                         "64 steps, recurrent density 0.25, forward and forward+backward)")
+    p.add_argument("--no-lsh", action="store_true",
+                   help="skip the LSH output-layer rows (LSHOutputLayer against nn.Linear + softmax: vocabulary "
+                        "32768, hidden 512, batch 128, fwd+bwd and train step)")
     p.add_argument("--no-layers", action="store_true",
                    help="skip the per-call overhead rows (256x256 layer, batch 1) and the mixed-model rows")
     p.add_argument("--compile", action="store_true",
@@ -132,7 +135,7 @@ def main(argv=None):
     result = run(args.device, args.hidden, tuple(batches), tuple(blocks), tuple(densities), args.repeats,
                  args.threads, conv=not args.no_conv, peers=peers, conv_block_sizes=conv_blocks,
                  layers=not args.no_layers, model_densities=model_densities, precision=not args.no_precision,
-                 lstm=not args.no_lstm)
+                 lstm=not args.no_lstm, lsh=not args.no_lsh)
     info = result["info"]
     _print_header(info)
     print(format_table(result["rows"]))
@@ -148,6 +151,11 @@ def main(argv=None):
 
         print()
         print(format_lstm(result["lstm"]))
+    if "lsh" in result:
+        from .lsh import format_lsh
+
+        print()
+        print(format_lsh(result["lsh"]))
     _extras(args, result)
 
 
