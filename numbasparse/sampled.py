@@ -81,12 +81,14 @@ def sampled_data_grad(dy, operand, order: str, groups: _Groups, block: int, in_f
     return part.view(groups.n_rows, groups.n_active, in_features).sum(1)
 
 
-def sampled_weight_grad(x, dy, order: str, groups: _Groups, block: int, shape, compact: bool = False):
+def sampled_weight_grad(x, dy, order: str, groups: _Groups, block: int, shape, compact: bool = False, out=None):
     """The weight gradient: dense in the weight's layout (zeros outside the chosen blocks:
     ``(K, C)`` for "cols", ``(C, K)`` for "rows"), or with ``compact`` (cols only) the
-    chosen blocks' rows ``(U*B, C)`` in group order (``groups.group_block``)."""
+    chosen blocks' rows ``(U*B, C)`` in group order (``groups.group_block``), written
+    into a tensor from ``out.get(shape, like)`` when ``out`` is given."""
     if compact:
-        out = dy.new_empty((groups.group_block.shape[0] * block, shape[1]))
+        rows = (groups.group_block.shape[0] * block, shape[1])
+        out = dy.new_empty(rows) if out is None else out.get(rows, dy)
         out_groups = np.arange(groups.group_block.shape[0], dtype=np.int64)
     else:
         out = dy.new_zeros(shape)
@@ -94,6 +96,32 @@ def sampled_weight_grad(x, dy, order: str, groups: _Groups, block: int, shape, c
     if out.numel() and groups.group_block.size:
         _run("weight", order, x, dy.reshape(-1, block), groups, out_groups, out, block)
     return out
+
+
+def sampled_backward(x, dy, operand, order: str, groups: _Groups, block: int, need_dx: bool, need_dw: bool,
+                     compact: bool = False, out=None):
+    """``(dx or None, dw or None)`` (as :func:`sampled_data_grad` and
+    :func:`sampled_weight_grad`); on CPUs, with both asked for and the cols order, one
+    sweep over the chosen blocks computes both."""
+    if not (need_dx and need_dw and order == "cols" and x.device.type == "cpu" and not backend._simulating
+            and groups.group_block.size):
+        dx = sampled_data_grad(dy, operand, order, groups, block, x.shape[1]) if need_dx else None
+        dw = sampled_weight_grad(x, dy, order, groups, block, operand.shape, compact, out) if need_dw else None
+        return dx, dw
+    from .kernels.cpu import sampled as cpu_sampled
+
+    part = dy.new_empty((groups.n_rows * groups.n_active, x.shape[1]))
+    if compact:
+        rows = (groups.group_block.shape[0] * block, operand.shape[1])
+        dw = dy.new_empty(rows) if out is None else out.get(rows, dy)
+        out_groups = np.arange(groups.group_block.shape[0], dtype=np.int64)
+    else:
+        dw = dy.new_zeros(operand.shape)
+        out_groups = groups.group_block
+    cpu_sampled.run_backward(x.numpy(), dy.reshape(-1, block).numpy(), operand.numpy(), groups.pairs,
+                             groups.group_ptr, groups.group_block, out_groups, part.numpy(), dw.numpy(),
+                             groups.n_active, block)
+    return part.view(groups.n_rows, groups.n_active, x.shape[1]).sum(1), dw
 
 
 class _SampledMatmul(torch.autograd.Function):
@@ -110,11 +138,9 @@ class _SampledMatmul(torch.autograd.Function):
         x, operand = ctx.saved_tensors
         dy = dy.contiguous()
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        dx = sampled_data_grad(dy, operand, ctx.order, ctx.groups, ctx.block, x.shape[1]) if need_dx else None
-        dw = None
-        if need_dw:
-            dw = sampled_weight_grad(x, dy, ctx.order, ctx.groups, ctx.block, operand.shape)
-            dw = dw.t() if ctx.order == "cols" else dw
+        dx, dw = sampled_backward(x, dy, operand, ctx.order, ctx.groups, ctx.block, need_dx, need_dw)
+        if dw is not None and ctx.order == "cols":
+            dw = dw.t()
         return dx, dw, None, None, None
 
 

@@ -110,7 +110,14 @@ def _orders(monkeypatch):
         calls.append((kind, order))
         return original(kind, order, *args)
 
+    original_both = cpu_sampled.run_backward
+
+    def spy_both(*args):
+        calls.append(("data+weight", "cols"))
+        return original_both(*args)
+
     monkeypatch.setattr(cpu_sampled, "run", spy)
+    monkeypatch.setattr(cpu_sampled, "run_backward", spy_both)
     return calls
 
 
@@ -122,7 +129,8 @@ def test_weight_order_chosen(monkeypatch, kind, order):
     leaf, view = _weight(kind, 13, 16, torch.float32, 1)
     x = randn((3, 13), torch.float32, 2, True)
     sampled_matmul(x, view(leaf), torch.tensor([[0], [1], [0]]), 8).sum().backward()
-    assert calls == [("forward", order), ("data", order), ("weight", order)]
+    backward = [("data+weight", "cols")] if order == "cols" else [("data", order), ("weight", order)]
+    assert calls == [("forward", order), *backward]      # cols: both gradients in one sweep
 
 
 def test_threads_do_not_change_the_result(monkeypatch):

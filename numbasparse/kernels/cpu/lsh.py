@@ -9,7 +9,7 @@ Tables (``L`` tables of ``bits``-bit codes over ``K`` neurons)::
 
 A query row with codes ``q (L,)`` votes once per table for the block (``k // B``) of
 every neuron sharing its bucket; the row's ``A`` blocks are the most voted (ties: the
-lower id), then, if fewer than ``A`` blocks got a vote, random other blocks; a label
+one voted for first, in table order), then, if fewer than ``A`` blocks got a vote, random other blocks; a label
 block that is not among them replaces the last.  One thread per call (the work is a
 few hundred votes per row).
 """
@@ -42,6 +42,9 @@ def choose_blocks(queries, sorted_ids, bucket_ptr, block, n_blocks, labels, seed
     votes = np.zeros(n_blocks, dtype=np.int64)
     touched = np.empty(n_blocks, dtype=np.int64)
     taken = np.zeros(n_blocks, dtype=np.bool_)
+    ranked = np.empty(n_blocks, dtype=np.int64)
+    max_votes = n_tables * block
+    level_start = np.zeros(max_votes + 1, dtype=np.int64)
     for n in range(n_rows):
         n_touched = 0
         for t in range(n_tables):
@@ -52,14 +55,22 @@ def choose_blocks(queries, sorted_ids, bucket_ptr, block, n_blocks, labels, seed
                     touched[n_touched] = b
                     n_touched += 1
                 votes[b] += 1
-        candidates = touched[:n_touched]
-        keys = np.empty(n_touched, dtype=np.int64)
+        # most votes first (ties: first voted first): a counting sort over the vote counts
+        level_start[:] = 0
         for i in range(n_touched):
-            keys[i] = -votes[candidates[i]] * n_blocks + candidates[i]   # most votes first, then lower id
-        order = np.argsort(keys)
+            level_start[votes[touched[i]]] += 1
+        position = 0
+        for v in range(max_votes, 0, -1):
+            count = level_start[v]
+            level_start[v] = position
+            position += count
+        for i in range(n_touched):
+            v = votes[touched[i]]
+            ranked[level_start[v]] = touched[i]
+            level_start[v] += 1
         chosen = min(n_active, n_touched)
         for i in range(chosen):
-            b = candidates[order[i]]
+            b = ranked[i]
             out[n, i] = b
             taken[b] = True
         while chosen < n_active:            # fewer voted blocks than asked for: random others
@@ -75,6 +86,6 @@ def choose_blocks(queries, sorted_ids, bucket_ptr, block, n_blocks, labels, seed
                 out[n, n_active - 1] = label_block
                 taken[label_block] = True
         for i in range(n_touched):
-            votes[candidates[i]] = 0
+            votes[touched[i]] = 0
         for i in range(n_active):
             taken[out[n, i]] = False

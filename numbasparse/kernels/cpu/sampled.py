@@ -22,6 +22,7 @@ vectorized by LLVM.
 * data:     part[p, :] = sum_j dy[p, j] * W[:, aB + j]  (the caller sums part over k)
 * weight:   dW[:, aB:(a+1)B]  += x[n, :]^T dy[p, :] over the group's pairs, written to
             output block ``out_block[g]`` (= a for a full gradient, g for a compact one)
+* both (cols order): data and weight in one sweep, each weight row read once
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from .fast_exp import constant_like
 from .notice import compiling
 from .simd import fetch_add
 
-__all__ = ["group_pairs", "run"]
+__all__ = ["group_pairs", "run", "run_backward"]
 
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}   # NaN and inf behave as in IEEE
 _KERNEL = {"fastmath": _FASTMATH, "cache": True, "error_model": "numpy"}
@@ -178,6 +179,33 @@ def _weight_rows(x, dy, pairs, group_ptr, out_block, dw, counter, n_active, bloc
         g = fetch_add(counter, 0, 1)
 
 
+@njit(**_KERNEL)
+def _backward_cols(x, dy, wt, pairs, group_ptr, group_block, out_block, part, dwt, counter, n_active, block):
+    """Data and weight gradient in one sweep over each chosen block (cols order): ``part``
+    as :func:`_data_cols` writes it and ``dwt`` as :func:`_weight_cols` does, each weight
+    row read once for both."""
+    n_groups = group_block.shape[0]
+    g = fetch_add(counter, 0, 1)
+    while g < n_groups:
+        base = group_block[g] * block
+        out_base = out_block[g] * block
+        for q in range(group_ptr[g], group_ptr[g + 1]):
+            part[pairs[q]][:] = 0
+        for j in range(block):
+            wr = wt[base + j]
+            out = dwt[out_base + j]
+            out[:] = 0
+            for q in range(group_ptr[g], group_ptr[g + 1]):
+                p = pairs[q]
+                d = dy[p, j]
+                xr = x[p // n_active]
+                pr = part[p]
+                for c in range(out.shape[0]):
+                    pr[c] += d * wr[c]
+                    out[c] += d * xr[c]
+        g = fetch_add(counter, 0, 1)
+
+
 _KERNELS = {("forward", "cols"): _forward_cols, ("forward", "rows"): _forward_rows,
             ("data", "cols"): _data_cols, ("data", "rows"): _data_rows,
             ("weight", "cols"): _weight_cols, ("weight", "rows"): _weight_rows}
@@ -201,6 +229,33 @@ def program(kind: str, order: str, dtype_name: str):
         kernel(nd_arg2(b, 0, DT), nd_arg2(b, 1, DT), nd_arg1(b, 2, I64), nd_arg1(b, 3, I64), nd_arg1(b, 4, I64),
                nd_arg2(b, 5, DT), nd_arg1(b, 6, I64), nd_scalar(b, 7, 0), nd_scalar(b, 7, 1))
     return run_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_program(dtype_name: str):
+    DT = np.dtype(dtype_name).type
+    I64 = np.int64
+    size = HEADER + ND_SLOTS * 10 + 2
+
+    @cfunc(_SIGNATURE, cache=True)
+    def run_backward(data):
+        b = carray(data, (size,), dtype=np.int64)
+        _backward_cols(nd_arg2(b, 0, DT), nd_arg2(b, 1, DT), nd_arg2(b, 2, DT), nd_arg1(b, 3, I64),
+                       nd_arg1(b, 4, I64), nd_arg1(b, 5, I64), nd_arg1(b, 6, I64), nd_arg2(b, 7, DT),
+                       nd_arg2(b, 8, DT), nd_arg1(b, 9, I64), nd_scalar(b, 10, 0), nd_scalar(b, 10, 1))
+    return run_backward
+
+
+def run_backward(x, dy, wt, pairs, group_ptr, group_block, out_block, part, dwt, n_active: int, block: int) -> None:
+    """Both gradients of the cols order in one sweep (:func:`_backward_cols`)."""
+    counter = np.zeros(2, dtype=np.int64)
+    work = 4.0 * pairs.shape[0] * block * x.shape[1]
+    threads = min(max(1, group_block.shape[0]), runtime.threads_for(work))
+    arrays = (x, dy, wt, pairs, group_ptr, group_block, out_block, part, dwt, counter)
+    block_args, address = make_nd_block(arrays, (n_active, block))
+    with compiling(("sampled", "backward", x.dtype.name), "the CPU sampled-matmul kernels"):
+        found = _backward_program(x.dtype.name)
+    runtime._launch(found, address, threads)
 
 
 def run(kind: str, order: str, first, second, pairs, group_ptr, groups, out, n_active: int, block: int) -> None:
