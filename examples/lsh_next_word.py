@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=300.0, help="training time of each model")
     p.add_argument("--train-tokens", type=int, default=500_000, help="training tokens per epoch")
     p.add_argument("--eval-tokens", type=int, default=50_000, help="held-out test tokens scored")
-    p.add_argument("--active-blocks", type=int, default=32, help="LSH layer: blocks of 32 words per row")
+    p.add_argument("--active-blocks", type=int, default=16, help="LSH layer: blocks of 32 words per row")
     p.add_argument("--tables", type=int, default=16, help="LSH layer: hash tables")
     p.add_argument("--bits", type=int, default=10, help="LSH layer: bits per table")
     p.add_argument("--rehash-every", type=int, default=50, help="LSH layer: training steps between rehashes")

@@ -87,7 +87,7 @@ def run(device="cpu", hidden=4096, batches=(1, 32, 256), block_sizes=(8, 16, 32)
     n_ref = len([d for d in densities if d < 1.0]) if device == "cuda" and reference else 0
     n_layers = 2 + 2 * len(model_densities) if layers else 0
     n_precision = 3 * len(precision_batches) * len(precision_densities) if precision else 0
-    n_lstm = (2 if lstm else 0) + (2 if lsh else 0)
+    n_lstm = (2 if lstm else 0) + (6 if lsh else 0)
     progress = Progress(n_matmul + n_conv + n_ref + n_layers + n_precision + n_lstm, enabled=show_progress)
     rows = matmul_rows(device, hidden, batches, block_sizes, densities, repeats, peers, progress=progress)
     if layers:
