@@ -16,8 +16,8 @@ Model: the previous ``--context`` tokens, embedded (64 each) and concatenated ->
 * ``full``: ``nn.Linear(hidden, vocab)`` and cross-entropy over every word;
 * ``lsh``: :class:`numbasparse.LSHOutputLayer` (blocks of 32 words; the label's block
   always among the row's) and :func:`numbasparse.sampled_softmax_loss` over the chosen
-  blocks, its weights trained by ``torch.optim.SparseAdam`` on sparse gradients (only
-  the chosen rows move).
+  blocks, its weights trained by :class:`numbasparse.RowSparseAdam` (the update of
+  ``torch.optim.SparseAdam``) on sparse gradients: only the chosen rows move.
 
 Both train for the same wall-clock time (``--seconds`` each), Adam on the rest at one
 learning rate.  Then, on held-out test tokens, both are scored with the full softmax:
@@ -133,7 +133,7 @@ def build(kind: str, args):
                                           tables=args.tables, bits=args.bits, rehash_every=args.rehash_every,
                                           sparse_grad=True, seed=args.seed)
         optimizers = [torch.optim.Adam(trunk.parameters(), lr=args.lr),
-                      torch.optim.SparseAdam(list(head.parameters()), lr=args.lr)]
+                      numbasparse.RowSparseAdam(head.parameters(), lr=args.lr)]
     return trunk, head, optimizers
 
 

@@ -24,7 +24,8 @@ with the same number of parameters (sparse layers count their live blocks only):
   first ``--ramp`` of training.
 
 Prints test bits per character (the loss in base 2, on the test split with the state
-carried across windows), parameters and wall time per epoch for each model.
+carried across windows) of each model at its best validation epoch, parameters and
+wall time per epoch.
 
     python examples/small_world_text.py            # full run (see BENCHMARKS.md)
     python examples/small_world_text.py --quick    # a small run in a few minutes
@@ -32,6 +33,7 @@ carried across windows), parameters and wall time per epoch for each model.
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import math
 import os
@@ -197,6 +199,7 @@ def train(name: str, model: CharLM, args, data: dict) -> dict:
                                         target_density=args.target_density,
                                         ramp=int(args.ramp * total_steps))
     epoch_seconds, step = [], 0
+    best = (math.inf, 0, None)          # validation bpc, epoch, state: the test split scores the best epoch
     for epoch in range(args.epochs):
         state, started = None, time.perf_counter()
         for done, start in enumerate(windows, 1):
@@ -220,11 +223,13 @@ def train(name: str, model: CharLM, args, data: dict) -> dict:
         epoch_seconds.append(time.perf_counter() - started)
         valid = bits_per_char(model, data["valid"], args.seq)
         print(f"{name:<11} epoch {epoch + 1}: validation {valid:.3f} bpc, {epoch_seconds[-1]:.1f} s", file=sys.stderr)
+        if valid < best[0]:
+            best = (valid, epoch + 1, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
     density = model.rnn.layout.density if hasattr(model.rnn, "layout") else 1.0
     return {"model": name, "width": model.head.in_features, "density": density,
             "parameters": live_parameters(model), "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds),
-            "valid_bpc": bits_per_char(model, data["valid"], args.seq),
-            "test_bpc": bits_per_char(model, data["test"], args.seq)}
+            "best_epoch": best[1], "valid_bpc": best[0], "test_bpc": bits_per_char(model, data["test"], args.seq)}
 
 
 def build(name: str, args, small_world, random_layout) -> CharLM:
@@ -261,10 +266,11 @@ def main(argv=None) -> list:
     print(f"{torch.get_num_threads()} threads; first use compiles the kernels (announced), numba caches them")
     results = [train(name, build(name, args, small_world, random_layout), args, data) for name in args.models]
     print()
-    print(f"{'model':<12}{'hidden':>7}{'density':>9}{'parameters':>12}{'s/epoch':>9}{'valid bpc':>11}{'test bpc':>10}")
+    print(f"{'model':<12}{'hidden':>7}{'density':>9}{'parameters':>12}{'s/epoch':>9}{'best epoch':>11}"
+          f"{'valid bpc':>11}{'test bpc':>10}")
     for r in results:
         print(f"{r['model']:<12}{r['width']:>7}{r['density']:>9.4f}{r['parameters']:>12}"
-              f"{r['seconds_per_epoch']:>9.1f}{r['valid_bpc']:>11.3f}{r['test_bpc']:>10.3f}")
+              f"{r['seconds_per_epoch']:>9.1f}{r['best_epoch']:>11}{r['valid_bpc']:>11.3f}{r['test_bpc']:>10.3f}")
     return results
 
 

@@ -11,13 +11,14 @@ from .nn import BlockSparseLinear, BlocksparseMatMul
 from .nn_conv import BlockSparseConv2d
 from .nn_lstm import BlockSparseLSTM
 from .nn_lsh import LSHOutputLayer, sampled_softmax_loss
+from .row_adam import RowSparseAdam
 from .convert import SparsifyReport, sparsify
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "layouts", "functional", "block_sparse_matmul", "block_sparse_conv2d",
            "block_sparse_lstm", "BlockSparseLinear", "BlocksparseMatMul",
-           "BlockSparseConv2d", "BlockSparseLSTM", "LSHOutputLayer", "sampled_softmax_loss", "sparsify", "SparsifyReport",
+           "BlockSparseConv2d", "BlockSparseLSTM", "LSHOutputLayer", "sampled_softmax_loss", "RowSparseAdam", "sparsify", "SparsifyReport",
            "set_num_threads", "get_num_threads", "learn", "__version__"]
 
 

@@ -100,7 +100,8 @@ def main(argv=None):
                         "64 steps, recurrent density 0.25, forward and forward+backward)")
     p.add_argument("--no-lsh", action="store_true",
                    help="skip the LSH output-layer rows (LSHOutputLayer against nn.Linear + softmax: vocabulary "
-                        "32768, hidden 512, batch 128, 32 and 16 active blocks, train step without and with SGD / Adam steps)")
+                        "32768, hidden 512, batch 128, 32 and 16 active blocks, train step without and with SGD / "
+                        "Adam steps)")
     p.add_argument("--no-layers", action="store_true",
                    help="skip the per-call overhead rows (256x256 layer, batch 1) and the mixed-model rows")
     p.add_argument("--compile", action="store_true",
