@@ -202,3 +202,15 @@ def half_randn(shape, dtype, seed, scale=1.0, requires_grad=False):
 def check_rel_16(out, ref, dtype, what):
     err = rel_err(out, ref)
     assert err < REL_TOL_16[dtype], f"{what}: relative error {err:.3e} >= {REL_TOL_16[dtype]:.0e} ({dtype})"
+
+
+def load_example(name: str):
+    """The module ``examples/<name>.py`` (examples are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

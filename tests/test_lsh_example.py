@@ -2,17 +2,13 @@
 available, and both models trained for equal time and scored with the full softmax."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
+
+from helpers import load_example
 
 
 def _example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "lsh_next_word.py"
-    spec = importlib.util.spec_from_file_location("lsh_next_word_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("lsh_next_word")
 
 
 def test_tokens_split_by_file_and_vocabulary_size():

@@ -2,19 +2,15 @@
 source at equal parameter counts and report finite bits per character."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
+from helpers import load_example
+
 
 def _example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "small_world_text.py"
-    spec = importlib.util.spec_from_file_location("small_world_text_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("small_world_text")
 
 
 def test_splits_are_fixed_disjoint_and_real_source():

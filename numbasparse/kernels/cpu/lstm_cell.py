@@ -104,23 +104,19 @@ _BLOCK = HEADER + ND_SLOTS * 6
 @functools.lru_cache(maxsize=None)
 def program(name: str, dtype_name: str):
     """The ``numba.cfunc`` program (:mod:`.runtime`) of ``cell_forward`` or
-    ``cell_backward`` for float ``dtype_name``."""
+    ``cell_backward`` for float ``dtype_name`` (both take five 2-D arrays and the counter)."""
+    kernels = {"cell_forward": cell_forward, "cell_backward": cell_backward}
+    if name not in kernels:
+        raise ValueError(f"unknown LSTM cell kernel {name!r}")
+    kernel = kernels[name]
     DT = np.dtype(dtype_name).type
-    if name == "cell_forward":
-        @cfunc(_SIGNATURE, cache=True)
-        def forward(data):
-            b = carray(data, (_BLOCK,), dtype=np.int64)
-            cell_forward(nd_arg2(b, 0, DT), nd_arg2(b, 1, DT), nd_arg2(b, 2, DT), nd_arg2(b, 3, DT),
-                         nd_arg2(b, 4, DT), nd_arg1(b, 5, np.int64))
-        return forward
-    if name == "cell_backward":
-        @cfunc(_SIGNATURE, cache=True)
-        def backward(data):
-            b = carray(data, (_BLOCK,), dtype=np.int64)
-            cell_backward(nd_arg2(b, 0, DT), nd_arg2(b, 1, DT), nd_arg2(b, 2, DT), nd_arg2(b, 3, DT),
-                          nd_arg2(b, 4, DT), nd_arg1(b, 5, np.int64))
-        return backward
-    raise ValueError(f"unknown LSTM cell kernel {name!r}")
+
+    @cfunc(_SIGNATURE, cache=True)
+    def run_cell(data):
+        b = carray(data, (_BLOCK,), dtype=np.int64)
+        kernel(nd_arg2(b, 0, DT), nd_arg2(b, 1, DT), nd_arg2(b, 2, DT), nd_arg2(b, 3, DT), nd_arg2(b, 4, DT),
+               nd_arg1(b, 5, np.int64))
+    return run_cell
 
 
 def run(name: str, arrays, threads: int) -> None:
