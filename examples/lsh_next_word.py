@@ -56,7 +56,8 @@ TOKEN = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*|\d+|[^\s\w]")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--vocab", type=int, default=32768, help="vocabulary size (a multiple of 32, >= 20000 for the study)")
+    p.add_argument("--vocab", type=int, default=32768,
+                   help="vocabulary size (a multiple of 32, >= 20000 for the study)")
     p.add_argument("--hidden", type=int, default=512, help="features into the output layer")
     p.add_argument("--context", type=int, default=4, help="previous tokens the model sees")
     p.add_argument("--batch", type=int, default=128, help="rows per training step")

@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "layouts", "functional", "block_sparse_matmul", "block_sparse_conv2d",
            "block_sparse_lstm", "BlockSparseLinear", "BlocksparseMatMul",
-           "BlockSparseConv2d", "BlockSparseLSTM", "LSHOutputLayer", "sampled_softmax_loss", "RowSparseAdam", "sparsify", "SparsifyReport",
+           "BlockSparseConv2d", "BlockSparseLSTM", "LSHOutputLayer", "sampled_softmax_loss", "RowSparseAdam",
+           "sparsify", "SparsifyReport",
            "set_num_threads", "get_num_threads", "learn", "__version__"]
 
 

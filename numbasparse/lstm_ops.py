@@ -10,7 +10,7 @@ autocast rules as for :mod:`numbasparse.ops`; plus the eager fast path (a classi
 * ``lstm_backward(dhs, dcs, w, layout, block_size, hs, cs, gates, need_w)
   -> (dgx, dw, dh0, dc0)``; ``dw`` is empty when not asked for.
 
-They check nothing: :func:`numbasparse.functional.lstm_recurrence` and
+They check nothing: :func:`numbasparse.functional.block_sparse_lstm` and
 :class:`numbasparse.BlockSparseLSTM` check the arguments.  The loops are in
 :mod:`numbasparse.recurrence`.
 """

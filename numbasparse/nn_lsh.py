@@ -49,7 +49,8 @@ class LSHOutputLayer(nn.Module):
         rehash_every: training forward calls between rebuilds of the tables from the
             current weights (the weights drift as they train).
         bias: learn a bias ``(out_features,)``.
-        seed: seed of the hyperplanes and of the random fill of the choice.
+        seed: seed of the hyperplanes and of the random fill of the choice (None: 0, so
+            layers built alike hash alike; the weights come from torch's generator).
 
     Attributes:
         weight: ``(out_features, in_features)`` (``nn.Linear``'s orientation), bias ``(out_features,)``.
@@ -57,7 +58,8 @@ class LSHOutputLayer(nn.Module):
             far; ``sorted_ids``, ``bucket_ptr``: the tables (buffers, all saved in
             ``state_dict`` with the generator of the random fill, so a checkpoint resumes
             with the same tables and choices; a state dict without the tables makes the
-            layer rebuild them from the loaded weights).
+            layer rebuild them from the loaded weights).  The tables follow the weights
+            only at a rehash: after changing the weights by hand, call :meth:`rehash`.
 
     Forward: ``forward(x (N, C), labels=None) -> (logits (N, A*B), block_ids (N, A))``;
     ``logits[n, k*B + j]`` is neuron ``block_ids[n, k]*B + j``.  In training mode every
@@ -83,6 +85,8 @@ class LSHOutputLayer(nn.Module):
         self.rehash_every = _positive(rehash_every, "rehash_every")
         self.sparse_grad = bool(sparse_grad)
         factory = {"device": device, "dtype": dtype}
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"LSHOutputLayer computes in float32 or float64, got dtype={dtype}")
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
@@ -120,6 +124,7 @@ class LSHOutputLayer(nn.Module):
 
     def choose(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, A)`` int64 block ids for the rows of ``x`` (label blocks included when given)."""
+        self._check_input(x, labels)
         if self.sorted_ids.numel() == 0:
             self.rehash()
         queries = self._codes(x)
@@ -136,6 +141,8 @@ class LSHOutputLayer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (N, in_features) = (N, {self.in_features}), got {shape}")
+        if self.weight.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"LSHOutputLayer computes in float32 or float64, but its weight is {self.weight.dtype}")
         if x.dtype != self.weight.dtype or x.device != self.weight.device:
             raise TypeError(f"x is {x.dtype} on {x.device} but the layer is {self.weight.dtype} on "
                             f"{self.weight.device}: use one dtype and device")
@@ -210,11 +217,14 @@ class LSHOutputLayer(nn.Module):
                 setattr(self, name, torch.empty_like(incoming, device=self.weight.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if not isinstance(state_dict.get(prefix + "sorted_ids"), torch.Tensor):
+        loaded = [isinstance(state_dict.get(prefix + name), torch.Tensor) for name in ("sorted_ids", "bucket_ptr")]
+        expected = {"sorted_ids": (self.tables, self.out_features), "bucket_ptr": (self.tables, (1 << self.bits) + 1)}
+        wrong = [f"{prefix}{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
+                 for name, shape in expected.items() if getattr(self, name).numel()
+                 and tuple(getattr(self, name).shape) != shape]
+        if not all(loaded) or wrong:
+            error_msgs.extend(wrong)
             self.sorted_ids = self.sorted_ids.new_zeros((0,))   # rebuilt from the loaded weights at the next call
-        elif self.sorted_ids.numel() and tuple(self.sorted_ids.shape) != (self.tables, self.out_features):
-            error_msgs.append(f"{prefix}sorted_ids has shape {tuple(self.sorted_ids.shape)}, expected "
-                              f"{(self.tables, self.out_features)}")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
@@ -303,7 +313,9 @@ class _SparseBias(torch.autograd.Function):
             where = torch.searchsorted(unique, ctx.block_ids.reshape(-1))
             values = flat.new_zeros((unique.shape[0], block)).index_add_(0, where, flat)
         rows = (unique[:, None] * block + torch.arange(block, device=dy.device)).reshape(1, -1)
-        return torch.sparse_coo_tensor(rows, values.reshape(-1), (ctx.size,), is_coalesced=True, check_invariants=False), None, None, None
+        grad = torch.sparse_coo_tensor(rows, values.reshape(-1), (ctx.size,), is_coalesced=True,
+                                       check_invariants=False)
+        return grad, None, None, None
 
 
 def sampled_softmax_loss(logits: torch.Tensor, block_ids: torch.Tensor, labels: torch.Tensor, block_size: int,
@@ -312,6 +324,14 @@ def sampled_softmax_loss(logits: torch.Tensor, block_ids: torch.Tensor, labels: 
     the softmax runs over each row's ``A*B`` computed logits (the label's block must be
     among ``block_ids``, as it is in training mode).  ``reduction``: "mean", "sum" or "none"."""
     block = check_block_size(block_size)
+    for name, t in (("logits", logits), ("block_ids", block_ids), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("block_ids", block_ids), ("labels", labels)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
     if logits.dim() != 2 or block_ids.dim() != 2 or logits.shape != (block_ids.shape[0], block_ids.shape[1] * block):
         raise ValueError(f"logits must be (N, A*B) for block_ids (N, A) and B={block}, got {tuple(logits.shape)} "
                          f"and {tuple(block_ids.shape)}")
@@ -320,7 +340,7 @@ def sampled_softmax_loss(logits: torch.Tensor, block_ids: torch.Tensor, labels: 
     hit = block_ids == (labels // block)[:, None]
     if not bool(hit.any(1).all()):
         missing = int((~hit.any(1)).nonzero()[0, 0])
-        raise ValueError(f"row {missing}'s label {int(labels[missing])} is not in its blocks: call the layer in "
-                         "training mode with labels, or score with full_logits")
+        raise ValueError(f"row {missing}'s label {int(labels[missing])} is not in its blocks: call the layer "
+                         "in training mode with labels, or score with full_logits")
     position = hit.int().argmax(1) * block + labels % block
     return nn.functional.cross_entropy(logits, position, reduction=reduction)

@@ -13,8 +13,8 @@ A forward step is one block-sparse matmul ``h @ W`` written into ``gates[t]`` pl
 cell's elementwise work (one numba loop on CPUs for float32, in-place torch ops
 otherwise); a backward step is the cell's elementwise backward (one numba loop on CPUs
 for float32 and float64) plus one block-sparse data-gradient matmul.  The weight gradient
-of all steps is one call over the ``T*N`` rows at the end.  Nothing is allocated
-inside the loops.
+of all steps is one call over the ``T*N`` rows at the end.  On CPUs in float32 nothing
+is allocated inside the loops (the torch-op paths allocate temporaries).
 """
 from __future__ import annotations
 

@@ -4,11 +4,11 @@ The update of ``torch.optim.SparseAdam`` (lazy Adam: the moments of rows without
 gradient are left as they are; bias correction by the parameter's step count), done
 in place by one numba loop over the named rows (:mod:`.kernels.cpu.row_adam`) instead
 of SparseAdam's chain of sparse tensor operations, which costs more than the dense
-update at the sizes of :class:`~numbasparse.LSHOutputLayer` (200 ms against Adam's
-65 ms for a 32768 x 512 layer).  Gradients: sparse COO tensors with one sparse
-dimension (rows; what ``LSHOutputLayer(sparse_grad=True)`` and
-``nn.Embedding(sparse=True)`` give) or dense ones (every row is updated).  CUDA
-tensors are updated with torch operations.
+update at the sizes of :class:`~numbasparse.LSHOutputLayer` (a train step of a
+32768 x 512 layer with its backward pass: 260 ms with SparseAdam, 64 ms with this).
+Gradients: sparse COO tensors with one sparse dimension (rows; what
+``LSHOutputLayer(sparse_grad=True)`` and ``nn.Embedding(sparse=True)`` give) or dense
+ones (every row is updated).  CUDA tensors are updated with torch operations.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ class RowSparseAdam(torch.optim.Optimizer):
                                  f"sparse_dim={grad.sparse_dim()} for a parameter of shape {tuple(p.shape)}")
             grad = grad.coalesce()
             return grad.indices()[0], grad.values().reshape(grad.values().shape[0], -1)
-        return torch.arange(p.shape[0], device=p.device), grad.reshape(p.shape[0], -1)
+        rows = p.shape[0] if p.dim() else 1
+        return torch.arange(rows, device=p.device), grad.reshape(rows, -1)
 
     @staticmethod
     def _update(p, exp_avg, exp_avg_sq, rows, values, step_size, beta1, beta2, eps):

@@ -317,3 +317,45 @@ def test_non_contiguous_weight(sparse_grad):
     x = randn((4, C), torch.float64, 20)
     logits, ids = layer(x)
     assert_close(logits, layer.full_logits(x).gather(1, _columns(ids)), torch.float64, "logits")
+
+
+def test_choose_checks_labels_and_x():
+    layer = _layer(torch.float32)
+    x = randn((3, C), torch.float32, 30)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, "):
+        layer.choose(x, torch.tensor([0, K, 1]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, "):
+        layer.choose(x, torch.tensor([0, -1, 1]))
+    with pytest.raises(ValueError, match=r"x must be \(N, in_features\)"):
+        layer.choose(x[:, :-1])
+
+
+def test_16_bit_layers_are_refused():
+    with pytest.raises(TypeError, match="float32 or float64"):
+        LSHOutputLayer(C, K, block_size=B, active_blocks=4, dtype=torch.bfloat16)
+    layer = _layer(torch.float32).to(torch.float16)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        layer(torch.zeros(2, C, dtype=torch.float16))
+
+
+def test_state_dict_with_one_table_missing_or_misshapen_rebuilds():
+    layer, x = _trained()
+    layer.rehash()                              # tables of the final weights, which a rebuild reproduces
+    state = layer.state_dict()
+    partial = {k: v for k, v in state.items() if k != "bucket_ptr"}
+    fresh = _layer(torch.float32, seed=2)
+    fresh.choose(x)
+    fresh.load_state_dict(partial, strict=False)
+    assert fresh.sorted_ids.numel() == 0                   # stale tables dropped: rebuilt at the next call
+    _same_choice(layer, fresh, x)
+    bad = dict(state, bucket_ptr=state["bucket_ptr"][:, :-1])
+    with pytest.raises(RuntimeError, match="bucket_ptr has shape"):
+        _layer(torch.float32, seed=2).load_state_dict(bad)
+
+
+def test_sampled_softmax_loss_checks_types():
+    logits, ids, labels = torch.zeros(2, 2 * B), torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="labels must hold integers"):
+        sampled_softmax_loss(logits, ids, labels.float(), B)
+    with pytest.raises(TypeError, match="block_ids must be a torch.Tensor"):
+        sampled_softmax_loss(logits, ids.tolist(), labels, B)

@@ -104,3 +104,14 @@ def test_gradient_with_two_sparse_dimensions_is_refused():
     p.grad = torch.sparse_coo_tensor(torch.tensor([[0, 1], [2, 3]]), torch.ones(2), (4, 4), check_invariants=True)
     with pytest.raises(ValueError, match="one sparse dimension"):
         RowSparseAdam([p]).step()
+
+
+def test_scalar_parameter_with_dense_gradient():
+    p = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    ref = p.detach().clone().requires_grad_()
+    opt, ref_opt = RowSparseAdam([p], lr=0.1), torch.optim.Adam([ref], lr=0.1)
+    for g in (1.0, -0.5, 0.25):
+        p.grad, ref.grad = torch.tensor(g, dtype=torch.float64), torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        ref_opt.step()
+    assert p.shape == () and torch.allclose(p, ref, atol=1e-6) and p.item() != 2.0

@@ -10,8 +10,9 @@ Layout of one time step (C-contiguous numpy arrays, ``H`` hidden units, ``N`` ro
 Threads take rows from a shared counter (run as programs on torch's threads, see
 :mod:`.runtime`); each row's gates go to the row function as 1-D arrays, whose loop
 over hidden units LLVM vectorizes (indexing the 2-D rows in one loop defeats it: 3.5x
-slower).  Float32 uses :func:`~.fast_exp.exp_approx` for sigmoid and tanh.  The backward step recomputes the new cell state and its
-tanh from the saved gates and ``c_prev`` (cheaper than reading them back).
+slower).  Float32 uses :func:`~.fast_exp.exp_approx` for sigmoid and tanh.  The
+backward step recomputes the new cell state and its tanh from the saved gates and
+``c_prev`` (cheaper than reading them back).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 
 from . import runtime
-from .args import HEADER, ND_SLOTS, make_nd_block, nd_arg1, nd_arg2
+from .args import HEADER, ND_SLOTS, make_nd_block, nd_arg1, nd_arg2, nd_scalar
 from .fast_exp import constant_like, exp_approx
 from .notice import compiling
 from .simd import fetch_add
@@ -98,32 +99,40 @@ def cell_forward(gates, gx, c_prev, c, h, counter):
 
 # ------------------------------------------------------------------ programs
 _SIGNATURE = types.void(types.voidptr)
-_BLOCK = HEADER + ND_SLOTS * 6
+_BLOCK = HEADER + ND_SLOTS * 6 + 1
 
 
 @functools.lru_cache(maxsize=None)
-def program(name: str, dtype_name: str):
-    """The ``numba.cfunc`` program (:mod:`.runtime`) of ``cell_forward`` or
-    ``cell_backward`` for float ``dtype_name`` (both take five 2-D arrays and the counter)."""
-    kernels = {"cell_forward": cell_forward, "cell_backward": cell_backward}
-    if name not in kernels:
-        raise ValueError(f"unknown LSTM cell kernel {name!r}")
-    kernel = kernels[name]
+def program(dtype_name: str):
+    """The ``numba.cfunc`` program (:mod:`.runtime`) of both cell kernels for float
+    ``dtype_name``; the block's scalar picks ``cell_forward`` (0) or ``cell_backward`` (1).
+    The kernels are called by their global names: a cfunc closing over a dispatcher
+    would get a new cache key in every process and be compiled again each time."""
     DT = np.dtype(dtype_name).type
 
     @cfunc(_SIGNATURE, cache=True)
     def run_cell(data):
         b = carray(data, (_BLOCK,), dtype=np.int64)
-        kernel(nd_arg2(b, 0, DT), nd_arg2(b, 1, DT), nd_arg2(b, 2, DT), nd_arg2(b, 3, DT), nd_arg2(b, 4, DT),
-               nd_arg1(b, 5, np.int64))
+        a0, a1, a2, a3, a4 = nd_arg2(b, 0, DT), nd_arg2(b, 1, DT), nd_arg2(b, 2, DT), nd_arg2(b, 3, DT), \
+            nd_arg2(b, 4, DT)
+        counter = nd_arg1(b, 5, np.int64)
+        if nd_scalar(b, 6, 0) == 0:
+            cell_forward(a0, a1, a2, a3, a4, counter)
+        else:
+            cell_backward(a0, a1, a2, a3, a4, counter)
     return run_cell
+
+
+_CELL_IDS = {"cell_forward": 0, "cell_backward": 1}
 
 
 def run(name: str, arrays, threads: int) -> None:
     """Run ``cell_forward`` or ``cell_backward`` on ``arrays`` (its five 2-D arrays, C-contiguous
     numpy arrays of one float dtype, in its argument order) on ``threads`` threads."""
     counter = np.zeros(2, dtype=np.int64)
-    block, address = make_nd_block((*arrays, counter), ())
-    with compiling(("lstm_cell", name, arrays[0].dtype.name), "the CPU LSTM cell kernels"):
-        found = program(name, arrays[0].dtype.name)
+    if name not in _CELL_IDS:
+        raise ValueError(f"unknown LSTM cell kernel {name!r}")
+    block, address = make_nd_block((*arrays, counter), (_CELL_IDS[name],))
+    with compiling(("lstm_cell", arrays[0].dtype.name), "the CPU LSTM cell kernels"):
+        found = program(arrays[0].dtype.name)
     runtime._launch(found, address, threads)

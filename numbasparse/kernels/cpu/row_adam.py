@@ -6,7 +6,7 @@ Arrays (C-contiguous, float32 or float64; ``rows`` int64)::
     param, exp_avg, exp_avg_sq  (R, F)  the parameter viewed as rows, and its moments
     rows                        (U,)    the rows to update (distinct)
     grad                        (U, F)  their gradients, grad[i] for row rows[i]
-    hyper                       (4,)    float64: step size (bias-corrected), beta1, beta2, eps (bias-corrected)
+    hyper                       (4,)    float64: step size (bias-corrected), beta1, beta2, eps
 
 Task: a chunk of ``CHUNK`` rows, taken from a shared counter by the threads running the
 program (:mod:`.runtime`); the loop over a row's ``F`` values is vectorized by LLVM.

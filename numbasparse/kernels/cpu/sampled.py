@@ -206,28 +206,42 @@ def _backward_cols(x, dy, wt, pairs, group_ptr, group_block, out_block, part, dw
         g = fetch_add(counter, 0, 1)
 
 
-_KERNELS = {("forward", "cols"): _forward_cols, ("forward", "rows"): _forward_rows,
-            ("data", "cols"): _data_cols, ("data", "rows"): _data_rows,
-            ("weight", "cols"): _weight_cols, ("weight", "rows"): _weight_rows}
+_KERNEL_IDS = {("forward", "cols"): 0, ("forward", "rows"): 1, ("data", "cols"): 2, ("data", "rows"): 3,
+               ("weight", "cols"): 4, ("weight", "rows"): 5}
 
 # ------------------------------------------------------------------ programs
 _SIGNATURE = types.void(types.voidptr)
-_BLOCK = HEADER + ND_SLOTS * 7 + 2
+_BLOCK = HEADER + ND_SLOTS * 7 + 3
 
 
 @functools.lru_cache(maxsize=None)
-def program(kind: str, order: str, dtype_name: str):
-    """The ``numba.cfunc`` program (:mod:`.runtime`) of kernel ``(kind, order)`` for
-    float ``dtype_name``."""
-    kernel = _KERNELS[(kind, order)]
+def program(dtype_name: str):
+    """The ``numba.cfunc`` program (:mod:`.runtime`) of the six kernels for float
+    ``dtype_name``; the block's third scalar picks the kernel (``_KERNEL_IDS``).  The
+    kernels are called by their global names: a cfunc closing over a dispatcher would
+    get a new cache key in every process and be compiled again each time."""
     DT = np.dtype(dtype_name).type
     I64 = np.int64
 
     @cfunc(_SIGNATURE, cache=True)
     def run_kernel(data):
         b = carray(data, (_BLOCK,), dtype=np.int64)
-        kernel(nd_arg2(b, 0, DT), nd_arg2(b, 1, DT), nd_arg1(b, 2, I64), nd_arg1(b, 3, I64), nd_arg1(b, 4, I64),
-               nd_arg2(b, 5, DT), nd_arg1(b, 6, I64), nd_scalar(b, 7, 0), nd_scalar(b, 7, 1))
+        first, second, out = nd_arg2(b, 0, DT), nd_arg2(b, 1, DT), nd_arg2(b, 5, DT)
+        pairs, group_ptr, groups, counter = nd_arg1(b, 2, I64), nd_arg1(b, 3, I64), nd_arg1(b, 4, I64), \
+            nd_arg1(b, 6, I64)
+        n_active, block, which = nd_scalar(b, 7, 0), nd_scalar(b, 7, 1), nd_scalar(b, 7, 2)
+        if which == 0:
+            _forward_cols(first, second, pairs, group_ptr, groups, out, counter, n_active, block)
+        elif which == 1:
+            _forward_rows(first, second, pairs, group_ptr, groups, out, counter, n_active, block)
+        elif which == 2:
+            _data_cols(first, second, pairs, group_ptr, groups, out, counter, n_active, block)
+        elif which == 3:
+            _data_rows(first, second, pairs, group_ptr, groups, out, counter, n_active, block)
+        elif which == 4:
+            _weight_cols(first, second, pairs, group_ptr, groups, out, counter, n_active, block)
+        else:
+            _weight_rows(first, second, pairs, group_ptr, groups, out, counter, n_active, block)
     return run_kernel
 
 
@@ -266,7 +280,8 @@ def run(kind: str, order: str, first, second, pairs, group_ptr, groups, out, n_a
     counter = np.zeros(2, dtype=np.int64)
     work = 2.0 * pairs.shape[0] * block * (first.shape[1] if kind != "data" else out.shape[1])
     threads = min(max(1, groups.shape[0]), runtime.threads_for(work))
-    block_args, address = make_nd_block((first, second, pairs, group_ptr, groups, out, counter), (n_active, block))
-    with compiling(("sampled", kind, order, first.dtype.name), "the CPU sampled-matmul kernels"):
-        found = program(kind, order, first.dtype.name)
+    block_args, address = make_nd_block((first, second, pairs, group_ptr, groups, out, counter),
+                                        (n_active, block, _KERNEL_IDS[(kind, order)]))
+    with compiling(("sampled", first.dtype.name), "the CPU sampled-matmul kernels"):
+        found = program(first.dtype.name)
     runtime._launch(found, address, threads)
