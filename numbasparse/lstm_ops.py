@@ -67,16 +67,21 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(gates)
 
 
-def _grad(ctx, dhs, dcs, _dgates):
+def _gradients(ctx, dhs, dcs, backward):
+    """The inputs' gradients from the saved outputs, ``backward`` being the backward
+    operator or, on the eager path, its implementation (same arguments)."""
     w, layout, hs, cs, gates = ctx.saved_tensors
     need_gx, need_w, _, _, need_h0, need_c0 = ctx.needs_input_grad
     if not (need_gx or need_w or need_h0 or need_c0):
         return None, None, None, None, None, None
-    dgx, dw, dh0, dc0 = torch.ops.numbasparse.lstm_backward(
-        None if dhs is None else dhs.contiguous(), None if dcs is None else dcs.contiguous(), w, layout,
-        ctx.block_size, hs, cs, gates, need_w)
+    dgx, dw, dh0, dc0 = backward(None if dhs is None else dhs.contiguous(), None if dcs is None else dcs.contiguous(),
+                                 w, layout, ctx.block_size, hs, cs, gates, need_w)
     return (dgx if need_gx else None, dw if need_w else None, None, None,
             dh0 if need_h0 else None, dc0 if need_c0 else None)
+
+
+def _grad(ctx, dhs, dcs, _dgates):
+    return _gradients(ctx, dhs, dcs, torch.ops.numbasparse.lstm_backward)
 
 
 torch.library.register_autograd("numbasparse::lstm", _grad, setup_context=_setup)
@@ -89,25 +94,15 @@ class _EagerLstm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gx, w, layout, block_size, h0, c0):
-        hs, cs, gates = recurrence.lstm_forward(gx, w, layout_of(layout), block_size, h0, c0)
-        ctx.save_for_backward(w, layout, hs, cs, gates)
-        ctx.block_size = block_size
-        ctx.mark_non_differentiable(gates)
+        outputs = _lstm(gx, w, layout, block_size, h0, c0)
+        _setup(ctx, (gx, w, layout, block_size, h0, c0), outputs)
         ctx.set_materialize_grads(False)
-        return hs, cs, gates
+        return outputs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dhs, dcs, _dgates):
-        w, layout, hs, cs, gates = ctx.saved_tensors
-        need_gx, need_w, _, _, need_h0, need_c0 = ctx.needs_input_grad
-        if not (need_gx or need_w or need_h0 or need_c0):
-            return None, None, None, None, None, None
-        dgx, dw, dh0, dc0 = recurrence.lstm_backward(
-            None if dhs is None else dhs.contiguous(), None if dcs is None else dcs.contiguous(), w,
-            layout_of(layout), ctx.block_size, hs, cs, gates, need_w)
-        return (dgx if need_gx else None, dw if need_w else None, None, None,
-                dh0 if need_h0 else None, dc0 if need_c0 else None)
+        return _gradients(ctx, dhs, dcs, _lstm_backward)
 
 
 def lstm_apply(gx, w, layout_t, block_size: int, h0, c0):
@@ -116,7 +111,7 @@ def lstm_apply(gx, w, layout_t, block_size: int, h0, c0):
     if eager.eager_allowed(gx, w, h0) and type(c0) in eager._PLAIN:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (gx, w, h0, c0)):
             return _EagerLstm.apply(gx, w, layout_t, block_size, h0, c0)
-        return recurrence.lstm_forward(gx, w, layout_of(layout_t), block_size, h0, c0)
+        return _lstm(gx, w, layout_t, block_size, h0, c0)
     return lstm(gx, w, layout_t, block_size, h0, c0)
 
 

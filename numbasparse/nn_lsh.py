@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_block_size
 from .kernels.cpu.lsh import build_tables, choose_blocks
-from .sampled import _Groups, _SampledMatmul, check_active
+from .sampled import _Groups, _SampledMatmul, check_active, sampled_backward, sampled_forward
 
 __all__ = ["LSHOutputLayer", "sampled_softmax_loss"]
 
@@ -125,6 +125,9 @@ class LSHOutputLayer(nn.Module):
     def choose(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, A)`` int64 block ids for the rows of ``x`` (label blocks included when given)."""
         self._check_input(x, labels)
+        return self._choose(x, labels)
+
+    def _choose(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if self.sorted_ids.numel() == 0:
             self.rehash()
         queries = self._codes(x)
@@ -160,13 +163,15 @@ class LSHOutputLayer(nn.Module):
             if int(self.steps) % self.rehash_every == 0:
                 self.rehash()
             self.steps += 1
-        block_ids = self.choose(x, labels if self.training else None)
-        return self.logits_of(x, block_ids), block_ids
+        block_ids = self._choose(x, labels if self.training else None)
+        return self._logits(x, block_ids), block_ids
 
     def logits_of(self, x: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         """``(N, A*B)`` logits of the blocks ``block_ids (N, A)`` of every row."""
         self._check_input(x)
-        block_ids = check_active(block_ids, x.shape[0], self.n_blocks, x.device)
+        return self._logits(x, check_active(block_ids, x.shape[0], self.n_blocks, x.device))
+
+    def _logits(self, x: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         groups = _Groups(block_ids)
         x, weight = x.contiguous(), self.weight.contiguous()
         if self.sparse_grad:
@@ -267,8 +272,6 @@ class _SparseRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, groups, block, buffer):
-        from .sampled import sampled_forward
-
         ctx.save_for_backward(x, weight)
         ctx.groups, ctx.block, ctx.buffer = groups, block, buffer
         return sampled_forward(x, weight, "cols", groups, block)
@@ -276,8 +279,6 @@ class _SparseRows(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        from .sampled import sampled_backward
-
         x, weight = ctx.saved_tensors
         groups, block = ctx.groups, ctx.block
         need_dx, need_dw = ctx.needs_input_grad[:2]

@@ -30,13 +30,9 @@ __all__ = ["lstm_forward", "lstm_backward"]
 _NUMBA_CELL = (torch.float32, torch.float64)
 
 
-def _cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and not backend._simulating
-
-
 def _matmul_into(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int, out: torch.Tensor):
     """``out (N, K) = x (N, C) @ W`` (all contiguous)."""
-    if _cpu(x):
+    if backend._on_cpu_kernels(x):
         cpu_matmul._layout_forward(x, w, layout, block_size, out, backend._DTYPE_NAMES[x.dtype], x.element_size())
     else:
         out.copy_(backend._forward(x, w, layout, block_size))
@@ -44,7 +40,7 @@ def _matmul_into(x: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_si
 
 def _data_grad_into(dy: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_size: int, out: torch.Tensor):
     """``out (N, C) = dy (N, K) @ W^T`` (all contiguous)."""
-    if _cpu(dy):
+    if backend._on_cpu_kernels(dy):
         cpu_matmul._layout_backward(None, dy, w, layout, block_size, out, None, backend._DTYPE_NAMES[dy.dtype],
                                     dy.element_size())
     else:
@@ -61,7 +57,7 @@ def lstm_forward(gx: torch.Tensor, w: torch.Tensor, layout: BlockLayout, block_s
     gates = torch.empty_like(gx)
     hs[0].copy_(h0)
     cs[0].copy_(c0)
-    numba_cell = _cpu(gx) and gx.dtype == torch.float32
+    numba_cell = backend._on_cpu_kernels(gx) and gx.dtype == torch.float32
     threads = _cell_threads(rows, hidden, gx.element_size())
     for t in range(steps):
         g = gates[t]
@@ -116,7 +112,7 @@ def lstm_backward(dhs: torch.Tensor | None, dcs: torch.Tensor | None, w: torch.T
     dgx = torch.empty_like(gates)
     dh = dhs[steps].clone() if dhs is not None else hs.new_zeros((rows, hidden))
     dc = dcs[steps].clone() if dcs is not None else hs.new_zeros((rows, hidden))
-    numba_cell = _cpu(gates) and gates.dtype in _NUMBA_CELL
+    numba_cell = backend._on_cpu_kernels(gates) and gates.dtype in _NUMBA_CELL
     threads = _cell_threads(rows, hidden, gates.element_size())
     for t in range(steps - 1, -1, -1):
         if numba_cell:

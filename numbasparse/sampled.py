@@ -40,17 +40,19 @@ class _Groups:
         self.n_rows, self.n_active = host.shape
         self.pairs, self.group_ptr, self.group_block = group_pairs(host)
         self.device = active.device
+        self._tables = None
 
     def tables(self):
-        arrays = (self.pairs, self.group_ptr, self.group_block)
-        if self.device.type == "cuda":
-            return [torch.from_numpy(a).to(self.device) for a in arrays]
-        return [torch.from_numpy(a) for a in arrays]
+        """pairs, group_ptr and group_block as tensors on the device (made once)."""
+        if self._tables is None:
+            self._tables = [torch.from_numpy(a).to(self.device)
+                            for a in (self.pairs, self.group_ptr, self.group_block)]
+        return self._tables
 
 
 def _run(kind: str, order: str, first, second, groups: _Groups, out_groups, out, block: int) -> None:
     """One kernel launch on ``first``, ``second`` (2-D tensors) into ``out``."""
-    if first.device.type == "cpu" and not backend._simulating:
+    if backend._on_cpu_kernels(first):
         from .kernels.cpu import sampled as cpu_sampled
 
         cpu_sampled.run(kind, order, first.numpy(), second.numpy(), groups.pairs, groups.group_ptr,
@@ -81,21 +83,25 @@ def sampled_data_grad(dy, operand, order: str, groups: _Groups, block: int, in_f
     return part.view(groups.n_rows, groups.n_active, in_features).sum(1)
 
 
+def _weight_output(dy, groups: _Groups, block: int, shape, compact: bool, out):
+    """``(dw, out_groups)``: the weight gradient's tensor and the output block of each
+    group (see :func:`sampled_weight_grad`)."""
+    if compact:
+        rows = (groups.group_block.shape[0] * block, shape[1])
+        dw = dy.new_empty(rows) if out is None else out.get(rows, dy)
+        return dw, np.arange(groups.group_block.shape[0], dtype=np.int64)
+    return dy.new_zeros(shape), groups.group_block
+
+
 def sampled_weight_grad(x, dy, order: str, groups: _Groups, block: int, shape, compact: bool = False, out=None):
     """The weight gradient: dense in the weight's layout (zeros outside the chosen blocks:
     ``(K, C)`` for "cols", ``(C, K)`` for "rows"), or with ``compact`` (cols only) the
     chosen blocks' rows ``(U*B, C)`` in group order (``groups.group_block``), written
     into a tensor from ``out.get(shape, like)`` when ``out`` is given."""
-    if compact:
-        rows = (groups.group_block.shape[0] * block, shape[1])
-        out = dy.new_empty(rows) if out is None else out.get(rows, dy)
-        out_groups = np.arange(groups.group_block.shape[0], dtype=np.int64)
-    else:
-        out = dy.new_zeros(shape)
-        out_groups = groups.group_block
-    if out.numel() and groups.group_block.size:
-        _run("weight", order, x, dy.reshape(-1, block), groups, out_groups, out, block)
-    return out
+    dw, out_groups = _weight_output(dy, groups, block, shape, compact, out)
+    if dw.numel() and groups.group_block.size:
+        _run("weight", order, x, dy.reshape(-1, block), groups, out_groups, dw, block)
+    return dw
 
 
 def sampled_backward(x, dy, operand, order: str, groups: _Groups, block: int, need_dx: bool, need_dw: bool,
@@ -103,21 +109,14 @@ def sampled_backward(x, dy, operand, order: str, groups: _Groups, block: int, ne
     """``(dx or None, dw or None)`` (as :func:`sampled_data_grad` and
     :func:`sampled_weight_grad`); on CPUs, with both asked for and the cols order, one
     sweep over the chosen blocks computes both."""
-    if not (need_dx and need_dw and order == "cols" and x.device.type == "cpu" and not backend._simulating
-            and groups.group_block.size):
+    if not (need_dx and need_dw and order == "cols" and backend._on_cpu_kernels(x) and groups.group_block.size):
         dx = sampled_data_grad(dy, operand, order, groups, block, x.shape[1]) if need_dx else None
         dw = sampled_weight_grad(x, dy, order, groups, block, operand.shape, compact, out) if need_dw else None
         return dx, dw
     from .kernels.cpu import sampled as cpu_sampled
 
     part = dy.new_empty((groups.n_rows * groups.n_active, x.shape[1]))
-    if compact:
-        rows = (groups.group_block.shape[0] * block, operand.shape[1])
-        dw = dy.new_empty(rows) if out is None else out.get(rows, dy)
-        out_groups = np.arange(groups.group_block.shape[0], dtype=np.int64)
-    else:
-        dw = dy.new_zeros(operand.shape)
-        out_groups = groups.group_block
+    dw, out_groups = _weight_output(dy, groups, block, operand.shape, compact, out)
     cpu_sampled.run_backward(x.numpy(), dy.reshape(-1, block).numpy(), operand.numpy(), groups.pairs,
                              groups.group_ptr, groups.group_block, out_groups, part.numpy(), dw.numpy(),
                              groups.n_active, block)
